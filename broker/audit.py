@@ -1,0 +1,273 @@
+"""The append-only, hash-chained, MAC-sealed audit log.
+
+Chaining, sealing and verifying are pure functions over bytes; `AuditLog` is the thin
+writer that adds the file lock, the append and the fsync policy.
+
+A line is compact JSON: `ts, seq, event, actor, <fields>, prev, mac`, where `prev` is the
+SHA-256 of the previous line's bytes and `mac` an HMAC-SHA256 of the line without `mac`
+under a key kept in the secret store. The newest (seq, mac) is also checkpointed in
+metadata.db, so cutting lines off the end is caught.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker.errors import AuditUnavailable, UsageError
+
+GENESIS = "0" * 64
+ACTORS = ("cli", "broker", "admin")
+# Only these fields may be written, so no value, token or body can slip into the log.
+FIELDS = (
+    "secret_ref", "consumer", "purpose", "delivery", "lease_id", "provider", "route", "host",
+    "status", "outcome", "reason", "duration_ms", "bytes_out", "version", "backend", "kind",
+    "token_id", "peer", "count", "model", "input_tokens", "output_tokens", "env", "pid",
+)
+_MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
+
+
+def rfc3339(t: float | None = None) -> str:
+    moment = datetime.fromtimestamp(time.time() if t is None else t, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def _mac(key: bytes, body: bytes) -> str:
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def seal(key: bytes, *, seq: int, prev: str, ts: str, event: str, actor: str,
+         fields: dict[str, Any]) -> bytes:
+    """One sealed line (without its newline)."""
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"audit fields not allowed: {sorted(unknown)}")
+    record: dict[str, Any] = {"ts": ts, "seq": seq, "event": event, "actor": actor}
+    record.update((k, v) for k, v in fields.items() if v is not None)
+    record["prev"] = prev
+    body = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    return body[:-1] + b',"mac":"' + _mac(key, body).encode() + b'"}'
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    checked: int
+    first_bad_line: int | None = None
+    reason: str | None = None
+
+
+def verify(lines: Iterable[bytes], key: bytes, checkpoint: tuple[int, str] | None) -> Verdict:
+    """Check MACs, the chain, seq order and the checkpoint; name the first bad line."""
+    prev, seq, n = GENESIS, 0, 0
+    at_checkpoint: str | None = None
+    for n, line in enumerate(lines, start=1):
+        m = _MAC_TAIL.search(line)
+        if m is None:
+            return Verdict(False, n - 1, n, "line is not a sealed audit record")
+        body = line[: m.start()] + b"}"
+        if not hmac.compare_digest(_mac(key, body), m.group(1).decode()):
+            return Verdict(False, n - 1, n, "MAC mismatch: the line was edited or re-sealed")
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return Verdict(False, n - 1, n, "line is not valid JSON")
+        if record.get("prev") != prev:
+            return Verdict(False, n - 1, n, "chain broken: a line before it was removed, "
+                                            "reordered or edited")
+        if record.get("seq") != seq + 1:
+            return Verdict(False, n - 1, n, f"sequence jumps from {seq} to {record.get('seq')}")
+        seq, prev = seq + 1, line_hash(line)
+        if checkpoint is not None and seq == checkpoint[0]:
+            at_checkpoint = m.group(1).decode()
+    if checkpoint is not None:
+        if checkpoint[0] > seq:
+            return Verdict(False, n, n + 1,
+                           f"log ends at seq {seq} but seq {checkpoint[0]} was recorded: "
+                           "lines were cut off the end")
+        if at_checkpoint != checkpoint[1]:
+            return Verdict(False, n, checkpoint[0], "line differs from the recorded checkpoint")
+    return Verdict(True, n)
+
+
+def parse_since(text: str) -> float:
+    """`--since`: an RFC 3339 time, a date, or a duration ago like 30m, 12h, 7d."""
+    m = re.fullmatch(r"(\d+)([smhd])", text)
+    if m:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return time.time() - int(m.group(1)) * scale
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: use a duration (30m, 12h, 7d) or a time (2026-01-31T12:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any]]:
+    for line in read_lines(path):
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue  # `audit verify` reports damaged lines; listing skips them
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    try:
+        with path.open("rb") as fh:
+            for raw in fh:
+                yield raw.rstrip(b"\n")
+    except FileNotFoundError:
+        return
+
+
+def matches(record: dict[str, Any], *, ref: str | None, event: str | None,
+            since: float | None) -> bool:
+    if ref is not None and record.get("secret_ref") != ref:
+        return False
+    if event is not None and record.get("event") != event and not (
+        event.endswith(".") and str(record.get("event", "")).startswith(event)
+    ):
+        return False
+    if since is not None:
+        try:
+            when = datetime.fromisoformat(str(record["ts"]).replace("Z", "+00:00")).timestamp()
+        except (KeyError, ValueError):
+            return False
+        return when >= since
+    return True
+
+
+# --- the writer ---------------------------------------------------------------------------
+
+
+def _last_line(fd: int, size: int) -> bytes | None:
+    """The last complete line of the file, read backwards from its end."""
+    block = 65536
+    pos, tail = size, b""
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        tail = os.pread(fd, step, pos) + tail
+        body = tail.rstrip(b"\n")
+        cut = body.rfind(b"\n")
+        if cut >= 0 or pos == 0:
+            return body[cut + 1 :] if body else None
+    return None
+
+
+class AuditLog:
+    """Appends under an exclusive flock, so the CLI and the daemon never fork the chain.
+
+    `fsync="always"` syncs and checkpoints each event; `"batch"` leaves both to `flush()`,
+    which the daemon calls at most 100 ms later. The write itself is always synchronous, so
+    a full or read-only file system refuses the action instead of losing its record.
+    """
+
+    def __init__(self, path: Path, key: bytes, checkpoint: Callable[[int, str], None],
+                 fsync: str = "always") -> None:
+        self._path = path
+        self._key = key
+        self._checkpoint = checkpoint
+        self._always = fsync == "always"
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._end = -1
+        self._seq = 0
+        self._prev = GENESIS
+        self._unsynced: tuple[int, str] | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        return self._fd
+
+    def append(self, event: str, actor: str, **fields: Any) -> dict[str, Any]:
+        """Write one event; raise AuditUnavailable if it cannot be written."""
+        try:
+            with self._lock:
+                return self._append(event, actor, fields)
+        except OSError as exc:
+            raise AuditUnavailable(
+                f"cannot write the audit log {self._path}: {exc.strerror}; the action was refused"
+            ) from None
+
+    def _append(self, event: str, actor: str, fields: dict[str, Any]) -> dict[str, Any]:
+        fd = self._open()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            if size != self._end:  # another process appended since our last write
+                self._resync(fd, size)
+            ts = rfc3339()
+            line = seal(self._key, seq=self._seq + 1, prev=self._prev, ts=ts, event=event,
+                        actor=actor, fields=fields)
+            data = line + b"\n"
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(28, "short write (file system full?)")
+                if self._always:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # never leave half a line behind
+                raise
+            self._end = size + len(data)
+            self._seq += 1
+            self._prev = line_hash(line)
+            mac = line[-66:-2].decode()
+            if self._always:
+                self._checkpoint(self._seq, mac)
+            else:
+                self._unsynced = (self._seq, mac)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return {"seq": self._seq, "ts": ts, "event": event}
+
+    def _resync(self, fd: int, size: int) -> None:
+        last = _last_line(fd, size)
+        if last is None:
+            self._seq, self._prev = 0, GENESIS
+        else:
+            try:
+                self._seq = int(json.loads(last)["seq"])
+            except (ValueError, KeyError, TypeError):
+                raise OSError(5, "the last audit line is damaged; run `secret-broker audit "
+                                 "verify`") from None
+            self._prev = line_hash(last)
+        self._end = size
+
+    def flush(self) -> None:
+        """Batch mode: make everything appended so far durable and checkpoint it."""
+        with self._lock:
+            pending, self._unsynced = self._unsynced, None
+            fd = self._fd
+        if pending is None or fd is None:
+            return
+        os.fsync(fd)
+        self._checkpoint(*pending)
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

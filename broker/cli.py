@@ -1,0 +1,370 @@
+"""`secret-broker`: thin commands over the service layer; `main()` maps errors to exit codes.
+
+Heavy modules (aiohttp, keyring, structlog) are imported inside the commands that need
+them, so `list` or `exec` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from broker.config import Home
+from broker.errors import BrokerError, UsageError
+
+EXIT_CODES = """\
+exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
+            5 unlock or decrypt failure, 6 broker not running"""
+
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from broker.service import Service
+
+    home = Home.from_env()
+    home.require()
+    return Service(home)
+
+
+def _print_json(doc: object) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=False))
+
+
+def _print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+    cells = [list(header)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _read_value(args: argparse.Namespace, prompt: str) -> str:
+    """From stdin with --stdin (one trailing newline stripped), else a hidden TTY prompt."""
+    if args.stdin:
+        value = sys.stdin.read()
+        for newline in ("\r\n", "\n"):
+            if value.endswith(newline):
+                value = value[: -len(newline)]
+                break
+        return value
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to prompt on; pipe the value in with --stdin")
+    return getpass.getpass(prompt)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from broker.service import init_home
+
+    result = init_home(Home.from_env(), args.backend)
+    if not result.created:
+        print(f"secret-broker home {result.home.root} already exists (backend: {result.backend});"
+              " nothing was changed")
+        return 0
+    print(f"created {result.home.root}")
+    print(f"backend: {result.backend} ({result.why})")
+    if result.key_file:
+        print(f"key file: {result.home.vault_key} (0600)\n"
+              "  It protects copies of vault/ (a backup, a git commit) made without the key file."
+              "\n  It does not protect against anyone who can read this home directory: they can "
+              "read the key file too.\n  For that, re-create the home with a passphrase "
+              "(SECRET_BROKER_PASSPHRASE_FILE) or use an OS keychain.")
+    print(f"grants: {result.home.grants} (every example grant is commented out: "
+          "nothing is allowed yet)")
+    print("next: secret-broker add @openai_api_key --provider openai --kind api_key --stdin")
+    return 0
+
+
+def _meta_rows(metas: Sequence[Any]) -> list[list[object]]:
+    return [[m.ref, m.provider, m.kind, m.backend, m.fingerprint, m.version, m.created_at,
+             m.rotated_at, m.last_used_at] for m in metas]
+
+
+_META_HEADER = ("REF", "PROVIDER", "KIND", "BACKEND", "FINGERPRINT", "VERSION", "CREATED",
+                "ROTATED", "LAST USED")
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    from broker.store import parse_ref
+
+    parse_ref(args.ref)
+    svc.metadata.require_absent(parse_ref(args.ref))  # refuse before prompting for a value
+    meta = svc.add(args.ref, args.provider, args.kind, _read_value(args, f"Value for {args.ref}: "))
+    print(f"added @{meta.ref} ({meta.provider} {meta.kind}, {meta.backend}, {meta.fingerprint})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    metas = _service(args).list()
+    if args.json:
+        _print_json({"secrets": [m.as_json() for m in metas]})
+    elif metas:
+        _print_table(_meta_rows(metas), _META_HEADER)
+    else:
+        print("no secrets yet; add one with: secret-broker add @NAME --provider P --kind K --stdin")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    meta = _service(args).inspect(args.ref)
+    if args.json:
+        _print_json(meta.as_json())
+    else:
+        for key, value in meta.as_json().items():
+            print(f"{key + ':':14} {'-' if value is None else value}")
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    svc.inspect(args.ref)  # a missing ref fails before prompting
+    meta = svc.rotate(args.ref, _read_value(args, f"New value for {args.ref}: "))
+    print(f"rotated @{meta.ref} to version {meta.version} ({meta.fingerprint})")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    meta = _service(args).remove(args.ref)
+    print(f"removed @{meta.ref}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from broker.store import parse_ref
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("nothing to run: secret-broker exec --env VAR=@ref -- CMD ARGS")
+    wanted: dict[str, str] = {}
+    for item in args.env:
+        name, sep, ref = item.partition("=")
+        if not sep or not ENV_NAME_RE.fullmatch(name) or not ref.startswith("@"):
+            raise UsageError(f"--env {item!r}: write it as VAR=@ref")
+        wanted[name] = parse_ref(ref)
+    svc = _service(args)
+    values = {name: svc.value(ref) for name, ref in wanted.items()}
+    for name, ref in wanted.items():
+        svc.record("secret.exec", secret_ref=ref, env=name, outcome="allowed")
+        svc.touch(ref)
+    env = {k: v for k, v in os.environ.items() if k != "SECRET_BROKER_PASSPHRASE"}
+    env.update(values)
+    try:
+        os.execvpe(command[0], command, env)  # noqa: S606 - exec replaces us, by design
+    except FileNotFoundError:
+        raise UsageError(f"command not found: {command[0]}") from None
+    except PermissionError:
+        raise UsageError(f"command not executable: {command[0]}") from None
+    return 1  # not reached: exec replaces this process
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from broker import audit
+    from broker.store import parse_ref
+
+    home = Home.from_env()
+    home.require()
+    if args.ref == "verify":
+        return _audit_verify(args)
+    from broker.config import check_private
+
+    check_private(home.audit)
+    ref = parse_ref(args.ref) if args.ref else None
+    since = audit.parse_since(args.since) if args.since else None
+    events = [e for e in audit.read_events(home.audit)
+              if audit.matches(e, ref=ref, event=args.event, since=since)]
+    if args.json:
+        _print_json({"events": events})
+        return 0
+    skip = {"ts", "seq", "event", "actor", "prev", "mac"}
+    rows = [[e.get("ts"), e.get("seq"), e.get("event"), e.get("actor"),
+             " ".join(f"{k}={v}" for k, v in e.items() if k not in skip)] for e in events]
+    _print_table(rows, ("TIME", "SEQ", "EVENT", "ACTOR", "DETAILS"))
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from broker import audit
+    from broker.config import check_private
+
+    svc = _service(args)
+    check_private(svc.home.audit)
+    verdict = audit.verify(audit.read_lines(svc.home.audit), svc.derived_key("audit-log"),
+                           svc.metadata.checkpoint())
+    if args.json:
+        _print_json({"ok": verdict.ok, "checked": verdict.checked,
+                     "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
+    elif verdict.ok:
+        print(f"audit log OK: {verdict.checked} events, chain and seals intact")
+    else:
+        print(f"audit log BROKEN at line {verdict.first_bad_line}: {verdict.reason}",
+              file=sys.stderr)
+    return 0 if verdict.ok else 1
+
+
+def cmd_grants_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from grants import load_grants
+    from grants.render import grants_as_rows
+
+    path = Path(args.file) if args.file else Home.from_env().grants
+    if not path.exists():
+        raise BrokerError(f"{path} does not exist (a missing grants file denies everything)")
+    rows = grants_as_rows(load_grants(path))
+    if args.json:
+        _print_json({"file": str(path), "valid": True, "grants": rows})
+        return 0
+    print(f"{path}: valid, {len(rows)} grant(s)")
+    if rows:
+        _print_table([[r["index"], r["line"], "@" + str(r["secret_ref"]), r["consumer"],
+                       ",".join(r["purposes"]), ",".join(r["delivery"]),  # type: ignore[arg-type]
+                       ",".join(r["allowed_hosts"]), r["ttl_secs"]]  # type: ignore[arg-type]
+                      for r in rows],
+                     ("#", "LINE", "SECRET", "CONSUMER", "PURPOSES", "DELIVERY", "HOSTS", "TTL"))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.daemon import serve
+
+    return serve(Home.from_env(), listen=args.listen, log_format=args.log_format,
+                 allow_remote=args.allow_remote)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from broker.lifecycle import start
+
+    return start(Home.from_env(), listen=args.listen, timeout=args.timeout)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from broker.lifecycle import stop
+
+    return stop(Home.from_env(), timeout=args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from broker.lifecycle import status
+
+    return status(Home.from_env(), as_json=args.json)
+
+
+def cmd_token_rotate(args: argparse.Namespace) -> int:
+    _service(args).rotate_token()
+    print("rotated the bootstrap token; the old one no longer works "
+          "(a running broker picks the new one up at once)")
+    return 0
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="secret-broker", epilog=EXIT_CODES, formatter_class=argparse.RawTextHelpFormatter,
+        description="Keep API keys out of config, env and prompts; broker them to local programs.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+                parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_,
+                                                        epilog=EXIT_CODES)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = command("init", cmd_init, "create the home, config, token, grants file and store")
+    sp.add_argument("--backend", choices=("keychain", "file-vault"))
+
+    sp = command("add", cmd_add, "store a new secret (value from --stdin or a hidden prompt)")
+    sp.add_argument("ref")
+    sp.add_argument("--provider", required=True)
+    sp.add_argument("--kind", required=True)
+    sp.add_argument("--stdin", action="store_true", help="read the value from standard input")
+
+    sp = command("list", cmd_list, "list secrets (metadata only)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("inspect", cmd_inspect, "show one secret's metadata")
+    sp.add_argument("ref")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("rotate", cmd_rotate, "replace a secret's value")
+    sp.add_argument("ref")
+    sp.add_argument("--stdin", action="store_true", help="read the value from standard input")
+
+    sp = command("remove", cmd_remove, "delete a secret's value and metadata")
+    sp.add_argument("ref")
+
+    sp = command("exec", cmd_exec, "run a command with secrets in its environment only")
+    sp.add_argument("--env", action="append", default=[], metavar="VAR=@ref")
+    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    sp = command("audit", cmd_audit, "show the audit trail; `audit verify` checks its chain")
+    sp.add_argument("ref", nargs="?", help="@ref to filter by, or `verify`")
+    sp.add_argument("--since", help="30m, 12h, 7d or an RFC 3339 time")
+    sp.add_argument("--event", help="event name, or a prefix ending in '.' (secret.)")
+    sp.add_argument("--json", action="store_true")
+
+    grants = sub.add_parser("grants", help="grants file tools").add_subparsers(
+        dest="grants_command", required=True, metavar="SUBCOMMAND")
+    sp = command("check", cmd_grants_check, "validate a grants file and print its grants",
+                 grants)
+    sp.add_argument("file", nargs="?")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("serve", cmd_serve, "run the broker in the foreground")
+    sp.add_argument("--listen", help="HOST:PORT for loopback HTTP (default from config.toml)")
+    sp.add_argument("--log-format", choices=("json", "console"))
+    sp.add_argument("--allow-remote", action="store_true",
+                    help="permit a non-loopback --listen address (not recommended)")
+
+    sp = command("start", cmd_start, "start the broker in the background and wait for it")
+    sp.add_argument("--listen")
+    sp.add_argument("--timeout", type=float, default=30.0)
+
+    sp = command("stop", cmd_stop, "stop the background broker")
+    sp.add_argument("--timeout", type=float, default=30.0)
+
+    sp = command("status", cmd_status, "show whether the broker runs, and its state")
+    sp.add_argument("--json", action="store_true")
+
+    token = sub.add_parser("token", help="bootstrap token tools").add_subparsers(
+        dest="token_command", required=True, metavar="SUBCOMMAND")
+    command("rotate", cmd_token_rotate, "make a new bootstrap token; the old one stops working",
+            token)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from grants.model import GrantsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except BrokerError as exc:
+        print(f"secret-broker: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except GrantsError as exc:
+        print(f"secret-broker: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("secret-broker: interrupted; nothing more was changed", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("SECRET_BROKER_DEBUG"):
+            raise
+        # The message may quote input; name only the type, and how to see more.
+        print(f"secret-broker: unexpected internal error ({type(exc).__name__}); "
+              "run with SECRET_BROKER_DEBUG=1 for details", file=sys.stderr)
+        return 1

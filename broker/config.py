@@ -1,0 +1,239 @@
+"""The home directory's layout, `config.toml`, and the file modes that protect them."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError, InsecureFile, NotInitialized
+
+DEFAULT_LISTEN = "127.0.0.1:18443"
+
+
+@dataclass(frozen=True)
+class Home:
+    """Every path the broker uses, derived from one root."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Home:
+        env = os.environ if environ is None else environ
+        raw = env.get("SECRET_BROKER_HOME") or "~/.secret-broker"
+        return cls(Path(raw).expanduser().absolute())
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def grants(self) -> Path:
+        return self.root / "secrets.grants.toml"
+
+    @property
+    def token(self) -> Path:
+        return self.root / "broker.token"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.db"
+
+    @property
+    def vault(self) -> Path:
+        return self.root / "vault"
+
+    @property
+    def vault_key(self) -> Path:
+        return self.root / "vault.key"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.log"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run/broker.sock"
+
+    @property
+    def pid(self) -> Path:
+        return self.root / "run/broker.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run/broker.log"
+
+    def require(self) -> None:
+        if not self.config.exists():
+            raise NotInitialized(
+                f"no secret-broker home at {self.root}; run `secret-broker init` "
+                "(or set SECRET_BROKER_HOME)"
+            )
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret-bearing file or directory that group or others can read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        fix = "700" if stat.S_ISDIR(mode) else "600"
+        raise InsecureFile(
+            f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
+            f"fix it with: chmod {fix} {path}"
+        )
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create or replace a file atomically with mode 0600 (temp, fsync, rename, dir fsync)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- config.toml -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    base_url: str | None = None
+    secret_ref: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str = "keychain"
+    listen: str = DEFAULT_LISTEN
+    default_consumer: str = "default"
+    max_body_bytes: int = 32 * 1024 * 1024
+    connect_timeout_secs: float = 10
+    read_timeout_secs: float = 300
+    audit_fsync: str = "batch"
+    providers: dict[str, ProviderSettings] = field(default_factory=dict)
+
+
+# section -> key -> (accepted types, Config field name); one table owns the schema.
+_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "store": {"backend": ((str,), "backend")},
+    "broker": {
+        "listen": ((str,), "listen"),
+        "default_consumer": ((str,), "default_consumer"),
+    },
+    "limits": {
+        "max_body_bytes": ((int,), "max_body_bytes"),
+        "connect_timeout_secs": ((int, float), "connect_timeout_secs"),
+        "read_timeout_secs": ((int, float), "read_timeout_secs"),
+    },
+    "audit": {"fsync": ((str,), "audit_fsync")},
+}
+_CHOICES = {"backend": ("keychain", "file-vault"), "audit_fsync": ("always", "batch")}
+_PROVIDER_KEYS = ("base_url", "secret_ref")
+
+
+def parse_config(text: str, source: str = "config.toml") -> Config:
+    """Strict: an unknown key or a wrong type is an error naming it, never ignored."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    values: dict[str, Any] = {}
+    providers: dict[str, ProviderSettings] = {}
+    for section, body in doc.items():
+        if section == "providers":
+            providers = _parse_providers(body, source)
+            continue
+        keys = _SCHEMA.get(section)
+        if keys is None:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key, value in body.items():
+            if key not in keys:
+                raise ConfigError(f"{source}: unknown key '{key}' in [{section}]")
+            types, name = keys[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                want = " or ".join(t.__name__ for t in types)
+                raise ConfigError(f"{source}: [{section}] {key} must be {want}")
+            if name in _CHOICES and value not in _CHOICES[name]:
+                raise ConfigError(
+                    f"{source}: [{section}] {key} must be one of {', '.join(_CHOICES[name])}"
+                )
+            if isinstance(value, int | float) and value <= 0:
+                raise ConfigError(f"{source}: [{section}] {key} must be positive")
+            values[name] = value
+    return Config(**values, providers=providers)
+
+
+def _parse_providers(body: Any, source: str) -> dict[str, ProviderSettings]:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{source}: [providers] must hold tables like [providers.openai]")
+    out: dict[str, ProviderSettings] = {}
+    for name, table in body.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [providers.{name}] must be a table")
+        for key, value in table.items():
+            if key not in _PROVIDER_KEYS:
+                raise ConfigError(f"{source}: unknown key '{key}' in [providers.{name}]")
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{source}: [providers.{name}] {key} must be a non-empty string")
+        out[name] = ProviderSettings(table.get("base_url"), table.get("secret_ref"))
+    return out
+
+
+def load_config(home: Home) -> Config:
+    home.require()
+    try:
+        text = home.config.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {home.config}: {exc.strerror}") from None
+    return parse_config(text, str(home.config))
+
+
+def render_config(backend: str) -> str:
+    """The commented config.toml that `init` writes."""
+    return f"""\
+# secret-broker settings. Every key is optional; the values shown are the defaults.
+# An unknown key or a wrong type is an error, so a typo never goes unnoticed.
+
+[store]
+backend = "{backend}"            # "keychain" or "file-vault"; chosen at init
+
+[broker]
+listen = "{DEFAULT_LISTEN}"      # loopback HTTP; `serve --listen HOST:PORT` overrides
+default_consumer = "default"     # consumer used when a request names none
+
+[limits]
+max_body_bytes = 33554432
+connect_timeout_secs = 10
+read_timeout_secs = 300          # idle read timeout on upstream streams
+
+[audit]
+fsync = "batch"                  # "always": fsync every event; "batch": at most 100 ms late
+
+# Upstreams may be redirected, e.g. to a local gateway (a path prefix is kept):
+# [providers.openai]
+# base_url = "https://api.openai.com"
+# secret_ref = "openai_api_key"
+"""

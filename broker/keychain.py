@@ -1,0 +1,86 @@
+"""The OS keychain through `keyring`, refusing any backend that is not a real keychain.
+
+`keyring.get_keyring()` honours `KEYRING_PROPERTY`-style configuration and may resolve to a
+plaintext or null backend; so we pick the backend ourselves from a short list of real
+keychains and check that it answers (keyring's own `core.py` shows how easily the
+resolved backend differs from what one expects).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.errors import KeychainUnavailable, SecretNotFound
+
+# Backends that keep secrets in an OS-protected store. Anything else (keyrings.alt's
+# plaintext files, the null and fail backends, chainers) is refused.
+_TRUSTED = {
+    "keyring.backends.SecretService.Keyring",
+    "keyring.backends.libsecret.Keyring",
+    "keyring.backends.macOS.Keyring",
+    "keyring.backends.Windows.WinVaultKeyring",
+    "keyring.backends.kwallet.DBusKeyring",
+}
+
+_FIX = "use `--backend file-vault` (or SECRET_BROKER_BACKEND=file-vault) instead"
+
+
+def _qualname(backend: Any) -> str:
+    cls = type(backend)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def find_backend() -> Any:
+    """The highest-priority trusted keychain that answers, or KeychainUnavailable."""
+    try:
+        from keyring.backend import get_all_keyring
+        from keyring.errors import KeyringError
+    except ImportError as exc:  # pragma: no cover - keyring is a dependency
+        raise KeychainUnavailable(f"the keyring library is missing ({exc}); {_FIX}") from None
+    candidates = [b for b in get_all_keyring() if _qualname(b) in _TRUSTED]
+    if not candidates:
+        raise KeychainUnavailable(f"no usable OS keychain answers on this machine; {_FIX}")
+    backend = max(candidates, key=lambda b: b.priority)
+    try:
+        backend.get_password("secret-broker:probe", "probe")
+    except (KeyringError, RuntimeError, OSError) as exc:
+        raise KeychainUnavailable(
+            f"the OS keychain ({_qualname(backend)}) does not answer ({type(exc).__name__}); {_FIX}"
+        ) from None
+    return backend
+
+
+class Keychain:
+    """Values under service `secret-broker:<instance id>`, username = ref."""
+
+    name = "keychain"
+
+    def __init__(self, instance_id: str, backend: Any | None = None) -> None:
+        self._service = f"secret-broker:{instance_id}"
+        self._backend = backend if backend is not None else find_backend()
+
+    def _call(self, op: str, *args: str) -> Any:
+        from keyring.errors import KeyringError, PasswordDeleteError
+
+        try:
+            return getattr(self._backend, op)(self._service, *args)
+        except PasswordDeleteError:
+            return None  # deleting what is not there leaves the wanted state
+        except KeyringError as exc:
+            raise KeychainUnavailable(
+                f"the OS keychain refused to {op.split('_')[0]} a value "
+                f"({type(exc).__name__}); is it locked?"
+            ) from None
+
+    def get(self, ref: str) -> str:
+        value = self._call("get_password", ref)
+        if value is None:
+            raise SecretNotFound(f"no stored value for @{ref} in the OS keychain")
+        return str(value)
+
+    def put(self, ref: str, value: str, version: int) -> None:
+        del version  # the keychain keeps one value per name; metadata.db holds the version
+        self._call("set_password", ref, value)
+
+    def delete(self, ref: str) -> None:
+        self._call("delete_password", ref)

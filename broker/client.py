@@ -1,0 +1,140 @@
+"""A small synchronous client for the daemon, for the CLI and for sibling services.
+
+Stdlib only (no aiohttp import), so a service can `resolve("@ref")` cheaply:
+
+    from broker.client import BrokerClient
+    key = BrokerClient.from_env().resolve("@openai_api_key", purpose="llm.chat")
+
+It finds the daemon by `SECRET_BROKER_URL` (`http://127.0.0.1:18443` or
+`unix:///path/broker.sock`) and `SECRET_BROKER_TOKEN`, else by the home's socket.
+Errors are the broker's own typed exceptions, with the CLI's exit codes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker import errors
+from broker.config import Home
+
+_BY_CODE: dict[str, type[errors.BrokerError]] = {
+    "unauthorized": errors.Unauthorized,
+    "grant_denied": errors.Denied,
+    "secret_not_found": errors.SecretNotFound,
+    "secret_exists": errors.SecretExists,
+    "invalid_request": errors.UsageError,
+    "audit_unavailable": errors.AuditUnavailable,
+    "secret_unavailable": errors.SecretUnavailable,
+    "route_not_found": errors.RouteNotFound,
+}
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class BrokerClient:
+    def __init__(self, *, socket_path: Path | None = None, url: str | None = None,
+                 token: str | None = None, timeout: float = 30.0) -> None:
+        if socket_path is None and url is None:
+            raise ValueError("give socket_path or url")
+        self._socket = socket_path
+        self._url = url
+        self._token = token
+        self._timeout = timeout
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 home: Home | None = None) -> BrokerClient:
+        env = os.environ if environ is None else environ
+        token = env.get("SECRET_BROKER_TOKEN")
+        url = env.get("SECRET_BROKER_URL")
+        if url:
+            if url.startswith("unix:"):
+                return cls(socket_path=Path(urlsplit(url).path), token=token)
+            return cls(url=url, token=token)
+        return cls(socket_path=(home or Home.from_env(dict(env))).socket, token=token)
+
+    @property
+    def where(self) -> str:
+        return f"unix:{self._socket}" if self._socket is not None else str(self._url)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._socket is not None:
+            return _UnixConnection(str(self._socket), self._timeout)
+        parts = urlsplit(self._url or "")
+        return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                          timeout=self._timeout)
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: Mapping[str, str] | None = None) -> Any:
+        sent = {"Accept": "application/json", **(headers or {})}
+        if self._token:
+            sent["Authorization"] = f"Bearer {self._token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        conn = self._connection()
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            response = conn.getresponse()
+            raw = response.read()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise errors.BrokerNotRunning(
+                f"the broker is not running ({self.where}); start it with "
+                "`secret-broker start`") from None
+        except OSError as exc:
+            raise errors.BrokerNotRunning(
+                f"cannot talk to the broker at {self.where}: {exc.strerror or exc}") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            doc = {}
+        if response.status >= 400:
+            err = doc.get("error", {}) if isinstance(doc, dict) else {}
+            code = str(err.get("code", "broker_error"))
+            message = str(err.get("message", f"HTTP {response.status}"))
+            error = _BY_CODE.get(code, errors.BrokerError)(message, code=code)
+            error.status = response.status
+            raise error
+        return doc
+
+    def health(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/health"))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/status"))
+
+    def lease(self, ref: str, purpose: str, delivery: str = "native",
+              consumer: str | None = None) -> dict[str, Any]:
+        headers = {"X-Broker-Consumer": consumer} if consumer else None
+        body = {"secret_ref": ref.lstrip("@"), "purpose": purpose, "delivery": delivery}
+        return dict(self.request("POST", "/v1/leases", body, headers))
+
+    def resolve(self, ref: str, purpose: str, consumer: str | None = None) -> str:
+        """The value of `@ref` through a `native` lease (a grant must allow it)."""
+        return str(self.lease(ref, purpose, "native", consumer)["value"])
+
+    def leases(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/leases")["leases"])
+
+    def revoke(self, lease_id: str) -> None:
+        self.request("DELETE", f"/v1/leases/{lease_id}")

@@ -1,0 +1,525 @@
+"""The broker daemon: app wiring, middlewares, the /v1 routes, sockets and signals.
+
+One aiohttp application is served on two transports: the Unix socket (no token; its
+0600 mode in a 0700 directory is the protection) and loopback TCP (a bearer token).
+Middlewares, outermost first: errors + request log, Host/Origin guard, authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import os
+import re
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from broker import __version__, hardening, logs, routes
+from broker.audit import rfc3339
+from broker.auth import Authenticator, Principal, presented_token
+from broker.config import Config, Home, check_private
+from broker.errors import (
+    AuditUnavailable,
+    BrokerError,
+    Forbidden,
+    RouteNotFound,
+    SecretNotFound,
+    SecretUnavailable,
+    Unauthorized,
+    UnlockFailed,
+    UsageError,
+)
+from broker.leases import Access
+from broker.providers import Provider, build_providers, error_body
+from broker.service import Service
+from broker.store import parse_ref
+from grants import DELIVERIES, AccessRequest, Lease
+
+log = structlog.get_logger("broker")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CONSUMER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
+STATE: web.AppKey[BrokerState] = web.AppKey("state", object)  # type: ignore[arg-type]
+
+
+class BrokerState:
+    """Everything the handlers share; built once at start."""
+
+    def __init__(self, service: Service, config: Config) -> None:
+        self.service = service
+        self.config = config
+        self.providers: dict[str, Provider] = build_providers(config.providers)
+        self.auth = Authenticator(service.home.token)
+        self.access = Access(service.home.grants, self.record)
+        self.started = time.time()
+        self.requests: Counter[str] = Counter()
+        self.listen = ""
+        self._data_version = -1
+        self._secrets: dict[str, tuple[int, str]] = {}  # ref -> (version, provider)
+        self._values: dict[str, tuple[int, str]] = {}  # ref -> (version, value), in memory only
+        self._used: set[str] = set()
+        self.audit_broken = False
+        self.upstream: Any = None  # the pooled aiohttp ClientSession, made in proxy.start()
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append to the audit log; a failure marks it broken so requests are refused."""
+        try:
+            self.service.record(event, **fields)
+        except AuditUnavailable:
+            self.audit_broken = True
+            raise
+        self.audit_broken = False
+
+    def record_safely(self, event: str, **fields: Any) -> None:
+        """For events after the fact (a finished request): log a failure, do not raise."""
+        try:
+            self.record(event, **fields)
+        except AuditUnavailable as exc:
+            log.error("audit.failed", audit_event=event, error=exc.message)
+
+    def check_audit(self) -> None:
+        """While the log is broken, each request first tries to write again (or is 503)."""
+        self.record("audit.resumed")
+
+    # --- secrets: metadata is re-read only when another process committed a change -------
+
+    def refresh_secrets(self) -> None:
+        version = self.service.metadata.data_version()
+        if version == self._data_version:
+            return
+        self._data_version = version
+        fresh = {m.ref: (m.version, m.provider) for m in self.service.metadata.all()}
+        for ref, (old, _provider) in self._secrets.items():
+            new = fresh.get(ref)
+            if new is None or new[0] != old:
+                self._values.pop(ref, None)
+                self.access.secret_changed(ref, None if new is None else new[0])
+        self._secrets = fresh
+
+    def secret_version(self, ref: str) -> int:
+        self.refresh_secrets()
+        found = self._secrets.get(ref)
+        if found is None:
+            raise SecretNotFound(f"no secret @{ref}; add it with `secret-broker add @{ref}`")
+        return found[0]
+
+    def value(self, ref: str, version: int) -> str:
+        cached = self._values.get(ref)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            value = self.service.store.get(ref)
+        except (SecretNotFound, UnlockFailed) as exc:
+            raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
+        self._values[ref] = (version, value)
+        self._used.add(ref)
+        return value
+
+    def secret_for(self, provider: Provider) -> str:
+        """SPEC §7: the provider's configured secret_ref, else its one secret."""
+        if provider.secret_ref is not None:
+            return provider.secret_ref
+        self.refresh_secrets()
+        refs = [r for r, (_v, p) in self._secrets.items() if p == provider.name]
+        if len(refs) == 1:
+            return refs[0]
+        if not refs:
+            raise SecretUnavailable(
+                f"no secret for provider {provider.name}: add one with `secret-broker add "
+                f"@{provider.name}_api_key --provider {provider.name} --kind api_key --stdin`")
+        raise SecretUnavailable(
+            f"several secrets for provider {provider.name} ({', '.join(sorted(refs))}): set "
+            f"[providers.{provider.name}] secret_ref in config.toml or send X-Broker-Secret-Ref")
+
+    def flush_last_used(self) -> None:
+        used, self._used = self._used, set()
+        for ref in used:
+            self.service.touch(ref)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def via(request: web.Request) -> str:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return "unix" if isinstance(sockname, str) or sockname is None else "tcp"
+
+
+def consumer_of(request: web.Request) -> str:
+    principal: Principal = request["principal"]
+    claimed = request.headers.get("X-Broker-Consumer")
+    if claimed is not None and not CONSUMER_RE.fullmatch(claimed):
+        raise UsageError("X-Broker-Consumer must be 1-128 of A-Z a-z 0-9 _ . -")
+    if principal.consumer is not None:
+        if claimed is not None and claimed != principal.consumer:
+            raise Forbidden(f"this token belongs to consumer {principal.consumer!r}",
+                            code="consumer_mismatch")
+        return principal.consumer
+    return claimed or request.app[STATE].config.default_consumer
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    return {"lease_id": lease.lease_id, "consumer": lease.consumer,
+            "secret_ref": lease.secret_ref, "purpose": lease.purpose,
+            "delivery": lease.delivery, "host": lease.host,
+            "issued_at": rfc3339(lease.issued_at), "expires_at": rfc3339(lease.expires_at)}
+
+
+def error_response(request: web.Request, exc: BrokerError) -> web.Response:
+    state = request.app[STATE]
+    name = routes.provider_name(request.raw_path)
+    provider = state.providers.get(name) if name else None
+    shape = provider.error_shape if provider is not None else "openai"
+    headers = {"Content-Type": "application/json"}
+    if 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
+        headers["x-should-retry"] = "false"
+    return web.Response(status=exc.status, headers=headers,
+                        body=error_body(shape, exc.status, exc.code, exc.message))
+
+
+def _from_http(exc: web.HTTPException) -> BrokerError:
+    """aiohttp's own HTTP errors (unknown /v1 route, wrong method, body limit) in our shape."""
+    if exc.status == 404:
+        return RouteNotFound(f"no route {exc.reason}")
+    err = BrokerError(exc.text or exc.reason, code={405: "method_not_allowed",
+                                                     413: "body_too_large"}.get(exc.status,
+                                                                                "bad_request"))
+    err.status = exc.status
+    return err
+
+
+# --- middlewares ----------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: every failure becomes JSON in the caller's shape; one log line per request."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except BrokerError as exc:
+        response = error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(request, _from_http(exc))
+    state = request.app[STATE]
+    state.requests[str(response.status)] += 1
+    log.info("request", method=request.method, route=request.get("route", request.path),
+             status=response.status, consumer=request.get("consumer"),
+             lease_id=request.get("lease_id"),
+             duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    return response
+
+
+def _host_is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    name = host.lower()
+    if name.startswith("["):
+        name = name[: name.find("]") + 1]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """DNS-rebinding and cross-site defence, before authentication, on every route."""
+    refusal = None
+    if not _host_is_loopback(request.headers.get("Host")):
+        refusal = ("host_header_refused", "the Host header is not a loopback name")
+    elif "Origin" in request.headers:
+        refusal = ("origin_not_allowed", "requests from web pages (with an Origin) are refused")
+    if refusal is not None:
+        request.app[STATE].record("request.refused", reason=refusal[0], status=403,
+                                  route=request.path[:200])
+        raise Forbidden(refusal[1], code=refusal[0])
+    return await handler(request)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    places: tuple[str, ...] = ("authorization",)
+    name = routes.provider_name(request.raw_path)
+    if name in state.providers:
+        places = state.providers[name].caller_auth
+    token = presented_token(request.headers, places)
+    try:
+        request["principal"] = state.auth.authenticate(token, via(request))
+    except Unauthorized:
+        peer = request.remote or "unix"
+        state.record("auth.failed", reason="missing" if token is None else "invalid",
+                     peer=peer, route=request.path[:200], status=401)
+        raise
+    return await handler(request)
+
+
+# --- /v1 handlers ---------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    grants = state.access.state
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_secs": round(time.time() - state.started, 1),
+        "backend": state.service.backend,
+        "listen": state.listen,
+        "socket": str(state.service.home.socket),
+        "service_manager": hardening.service_manager(),
+        "grants": {"valid": grants.valid, "count": len(grants.grants), "error": grants.error,
+                   "loaded_at": rfc3339(grants.loaded_at)},
+        "leases": {"active": len(state.access.table)},
+        "requests": dict(state.requests),
+    })
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise UsageError("the request body must be a JSON object")
+    return body
+
+
+async def create_lease(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _json_body(request)
+    fields = {k: body.get(k) for k in ("secret_ref", "purpose", "delivery")}
+    for key, value in fields.items():
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{key} is required and must be a non-empty string")
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if fields["delivery"] not in DELIVERIES:
+        raise UsageError(f"delivery must be one of {', '.join(sorted(DELIVERIES))}")
+    ref = parse_ref(str(fields["secret_ref"]))
+    consumer = request["consumer"] = consumer_of(request)
+    version = state.secret_version(ref)
+    lease = state.access.acquire(
+        AccessRequest(consumer, ref, str(fields["purpose"]), str(fields["delivery"]), None),
+        version)
+    request["lease_id"] = lease.lease_id
+    doc = lease_json(lease)
+    doc["ttl_secs"] = round(lease.expires_at - lease.issued_at)
+    if lease.delivery == "native":
+        doc["value"] = state.value(ref, version)
+    return web.json_response(doc, status=201)
+
+
+async def list_leases(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    principal: Principal = request["principal"]
+    leases = [lease for lease in state.access.table.list()
+              if principal.consumer is None or lease.consumer == principal.consumer]
+    return web.json_response({"leases": [lease_json(lease) for lease in leases]})
+
+
+async def revoke_lease(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    principal: Principal = request["principal"]
+    lease_id = request.match_info["lease_id"]
+    lease = state.access.table.get(lease_id)
+    if lease is None or (principal.consumer is not None and lease.consumer != principal.consumer):
+        raise BrokerError(f"no active lease {lease_id}", code="lease_not_found") from None
+    state.access.revoke(lease_id, "revoked by request")
+    return web.json_response({"lease_id": lease_id, "revoked": True})
+
+
+# --- wiring ---------------------------------------------------------------------------------
+
+
+def create_app(state: BrokerState) -> web.Application:
+    from broker import proxy
+
+    app = web.Application(
+        middlewares=[errors_middleware, guard_middleware, auth_middleware],
+        client_max_size=state.config.max_body_bytes,
+    )
+    app[STATE] = state
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/leases", create_lease)
+    app.router.add_get("/v1/leases", list_leases)
+    app.router.add_delete("/v1/leases/{lease_id}", revoke_lease)
+    app.router.add_route("*", "/proxy/{tail:.*}", proxy.handle)
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    return app
+
+
+def parse_listen(listen: str, allow_remote: bool) -> tuple[str, int]:
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:18443")
+    if not _host_is_loopback(host):
+        if not allow_remote:
+            raise UsageError(
+                f"refusing to listen on non-loopback address {host}: anyone who can reach it "
+                "could try tokens; pass --allow-remote if you really mean it")
+        log.warning("listen.non_loopback", host=host)
+    return host, int(port_text)
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    check_private(path.parent)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # stale: we hold the pid lock, so no live broker owns it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}; is another broker "
+                          "running? (secret-broker status) or pick --listen HOST:PORT") from None
+    return sock
+
+
+def _take_pid_lock(home: Home) -> int:
+    home.run.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(home.pid, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BrokerError(f"another broker is already running for {home.root} "
+                          "(see `secret-broker status`)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def serve(home: Home, *, listen: str | None = None, log_format: str | None = None,
+          allow_remote: bool = False, environ: dict[str, str] | None = None) -> int:
+    """Run in the foreground until SIGTERM/SIGINT; exit 0 after a graceful stop."""
+    logs.configure(log_format)
+    hardening.apply()
+    home.require()
+    for path in (home.root, home.token, home.audit, home.vault, home.vault_key):
+        check_private(path)
+    service = Service(home, environ, actor="broker", audit_fsync="batch")
+    config = service.config
+    if config.audit_fsync == "always":
+        service = Service(home, environ, actor="broker", audit_fsync="always")
+    host, port = parse_listen(listen or config.listen, allow_remote)
+    pid_fd = _take_pid_lock(home)
+    try:
+        try:
+            service.store.get("!instance-key")  # unlock once, now, and fail fast
+        except BrokerError as exc:
+            raise type(exc)(f"cannot start: {exc.message}") from None
+        hardening.forget_passphrase()
+        state = BrokerState(service, config)
+        tcp = _bind_tcp(host, port)
+        unix = _bind_unix(home.socket)
+        state.listen = "{}:{}".format(*tcp.getsockname()[:2])
+        return _run(state, [unix, tcp])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            home.socket.unlink()
+        os.close(pid_fd)
+
+
+def _run(state: BrokerState, socks: list[socket.socket]) -> int:
+    try:
+        import uvloop
+
+        runner_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        runner_factory = None
+    with asyncio.Runner(loop_factory=runner_factory) as runner:
+        return runner.run(_main(state, socks))
+
+
+async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    state.access.reload("startup")
+    state.refresh_secrets()
+    app = create_app(state)
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
+                           access_log=None, shutdown_timeout=30.0)
+    await runner.setup()
+    for sock in socks:
+        await web.SockSite(runner, sock, backlog=1024).start()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: state.access.reload("SIGHUP"))
+    state.record("broker.started", pid=os.getpid(), backend=state.service.backend)
+    log.info("broker.started", listen=state.listen, socket=str(state.service.home.socket),
+             pid=os.getpid(), version=__version__)
+    background = [asyncio.create_task(_every(0.1, lambda: _flush_audit(state))),
+                  asyncio.create_task(_every(1.0, lambda: _housekeeping(state)))]
+    await stop.wait()
+    log.info("broker.stopping")
+    await runner.cleanup()  # stops accepting, lets in-flight requests finish (30 s at most)
+    for task in background:
+        task.cancel()
+    state.flush_last_used()
+    with contextlib.suppress(BrokerError):
+        state.record("broker.stopped", pid=os.getpid())
+    state.service.audit_log.close()
+    log.info("broker.stopped")
+    return 0
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception as exc:
+            log.error("background.failed", error=type(exc).__name__, detail=str(exc)[:200])
+
+
+async def _flush_audit(state: BrokerState) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, state.service.audit_log.flush)
+
+
+async def _housekeeping(state: BrokerState) -> None:
+    state.access.reload_if_changed()
+    state.refresh_secrets()
+    state.flush_last_used()
+

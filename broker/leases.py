@@ -1,0 +1,125 @@
+"""The daemon's access decisions: the loaded grants, the lease table, and their audit trail.
+
+Everything here runs on the event loop thread and never awaits between "is there an
+active lease?" and "issue one", so racing first requests mint exactly one lease (the
+decision and the table update are one synchronous step, as in httpcore's pool).
+No audit, no lease: the decision is recorded before the lease is handed out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from broker.errors import Denied
+from grants import AccessRequest, Deny, GrantsError, Lease, LeaseTable, decide, load_grants
+from grants.model import Grant
+
+log = structlog.get_logger("broker.leases")
+Record = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class GrantsState:
+    grants: tuple[Grant, ...]
+    valid: bool
+    error: str | None
+    loaded_at: float
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Access:
+    def __init__(self, grants_path: Path, record: Record,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._path = grants_path
+        self._record = record
+        self.table = LeaseTable(clock)
+        self.state = GrantsState((), False, "not loaded yet", 0.0)
+        self._signature: tuple[int, int, int] | None = None
+
+    # --- the grants file --------------------------------------------------------------------
+
+    def reload(self, why: str) -> None:
+        """Load the grants file; an invalid one denies everything until it is fixed."""
+        self._signature = _signature(self._path)
+        try:
+            grants = load_grants(self._path)
+        except GrantsError as exc:
+            self.state = GrantsState((), False, str(exc), time.time())
+            revoked = self.table.revoke_where(lambda _lease: True)
+            log.error("grants.invalid", file=str(self._path), error=str(exc), why=why)
+            self._safe_record("grants.invalid", reason=f"{exc}"[:2000], count=len(revoked))
+            self._record_revoked(revoked, "grants file invalid")
+            return
+        self.state = GrantsState(grants, True, None, time.time())
+        revoked = self.table.revoke_unallowed(grants)
+        log.info("grants.reloaded", file=str(self._path), count=len(grants), why=why)
+        self._safe_record("grants.reloaded", count=len(grants), reason=why)
+        self._record_revoked(revoked, "grant removed")
+
+    def reload_if_changed(self) -> None:
+        if _signature(self._path) != self._signature:
+            self.reload("file changed")
+
+    def _safe_record(self, event: str, **fields: Any) -> None:
+        """Record an event that follows a change already made (revocation must not wait)."""
+        try:
+            self._record(event, **fields)
+        except Exception as exc:
+            log.error("audit.failed", audit_event=event, error=type(exc).__name__)
+
+    def _record_revoked(self, leases: list[Lease], reason: str) -> None:
+        for lease in leases:
+            self._safe_record("lease.revoked", lease_id=lease.lease_id, consumer=lease.consumer,
+                              secret_ref=lease.secret_ref, reason=reason)
+
+    # --- leases -----------------------------------------------------------------------------
+
+    def acquire(self, request: AccessRequest, secret_version: int, **audit: Any) -> Lease:
+        """An active lease for this request, or a new one if a grant allows it."""
+        ref = request.secret_ref.lstrip("@")
+        key = (request.consumer, ref, request.purpose, request.delivery, request.host)
+        lease = self.table.active(key)
+        if lease is not None and lease.secret_version == secret_version:
+            return lease
+        if not self.state.valid:
+            decision: Any = Deny(f"the grants file is invalid, so everything is denied until it "
+                                 f"is fixed: {self.state.error}")
+        else:
+            decision = decide(self.state.grants, request)
+        fields = dict(consumer=request.consumer, secret_ref=ref, purpose=request.purpose,
+                      delivery=request.delivery, host=request.host, **audit)
+        if isinstance(decision, Deny):
+            self._record("lease.denied", reason=decision.reason, **fields)
+            raise Denied(decision.reason)
+        lease = self.table.issue(request, decision, secret_version)
+        try:
+            self._record("lease.issued", lease_id=lease.lease_id, **fields)
+        except Exception:
+            self.table.revoke(lease.lease_id)
+            raise
+        return lease
+
+    def revoke(self, lease_id: str, reason: str) -> Lease | None:
+        lease = self.table.revoke(lease_id)
+        if lease is not None:
+            self._record_revoked([lease], reason)
+        return lease
+
+    def secret_changed(self, ref: str, version: int | None) -> None:
+        """A rotation (keep `version`'s leases) or a removal (version None) ends old leases."""
+        revoked = self.table.revoke_secret(ref, keep_version=version)
+        self._record_revoked(revoked, "secret rotated" if version else "secret removed")
+

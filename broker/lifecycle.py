@@ -1,0 +1,134 @@
+"""`start`, `stop` and `status`: the background daemon seen from the command line."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from broker import envelope
+from broker.client import BrokerClient
+from broker.config import Home, write_private
+from broker.errors import BrokerError, BrokerNotRunning
+from broker.vault import HEADER, passphrase_source, read_passphrase
+
+POLL = 0.05
+
+
+def running_pid(home: Home) -> int | None:
+    """The daemon's pid, judged by its lock on the pid file (a stale file holds no lock)."""
+    try:
+        fd = os.open(home.pid, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
+    return None
+
+
+def _needs_passphrase(home: Home) -> bool:
+    try:
+        header = envelope.load_header((home.vault / HEADER).read_bytes())
+    except (FileNotFoundError, envelope.EnvelopeError):
+        return False
+    return header.unlock == "passphrase"
+
+
+def _log_tail(home: Home, lines: int = 15) -> str:
+    try:
+        return "\n".join(home.log.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def start(home: Home, *, listen: str | None, timeout: float) -> int:
+    home.require()
+    pid = running_pid(home)
+    if pid is not None:
+        print(f"the broker is already running (pid {pid})")
+        return 0
+    env = {k: v for k, v in os.environ.items() if k != "SECRET_BROKER_PASSPHRASE"}
+    pass_fds: tuple[int, ...] = ()
+    if _needs_passphrase(home) and (passphrase_source(os.environ) == "env" or
+                                     passphrase_source(os.environ) is None):
+        # Hand the passphrase over a pipe, never through the daemon's environment.
+        secret = read_passphrase(os.environ)
+        read_end, write_end = os.pipe()
+        os.write(write_end, secret)
+        os.close(write_end)
+        pass_fds = (read_end,)
+        env["SECRET_BROKER_PASSPHRASE_FILE"] = f"/dev/fd/{read_end}"
+    if not home.log.exists():
+        write_private(home.log, b"")
+    argv = [sys.executable, "-m", "broker", "serve", "--log-format", "json"]
+    if listen:
+        argv += ["--listen", listen]
+    with home.log.open("ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env, pass_fds=pass_fds, start_new_session=True)
+    for fd in pass_fds:
+        os.close(fd)
+    client = BrokerClient(socket_path=home.socket, timeout=2.0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerError(f"the broker exited at start (code {proc.returncode}); the end of "
+                              f"{home.log}:\n{_log_tail(home)}")
+        try:
+            client.health()
+        except BrokerNotRunning:
+            time.sleep(POLL)
+            continue
+        print(f"broker running (pid {proc.pid}); socket {home.socket}; log {home.log}")
+        return 0
+    proc.terminate()
+    raise BrokerError(f"the broker did not answer within {timeout:g} s; the end of "
+                      f"{home.log}:\n{_log_tail(home)}")
+
+
+def stop(home: Home, *, timeout: float) -> int:
+    pid = running_pid(home)
+    if pid is None:
+        raise BrokerNotRunning(f"the broker is not running for {home.root}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_pid(home) is None:
+            print(f"broker stopped (pid {pid})")
+            return 0
+        time.sleep(POLL)
+    raise BrokerError(f"the broker (pid {pid}) did not stop within {timeout:g} s; "
+                      f"`kill {pid}` again, or `kill -9 {pid}` as a last resort")
+
+
+def status(home: Home, *, as_json: bool) -> int:
+    if running_pid(home) is None:
+        if as_json:
+            print(json.dumps({"status": "stopped", "home": str(home.root)}))
+        raise BrokerNotRunning(f"the broker is not running for {home.root}; start it with "
+                               "`secret-broker start`")
+    doc = BrokerClient(socket_path=home.socket, timeout=5.0).status()
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    grants = doc["grants"]
+    print(f"running: pid {doc['pid']}, version {doc['version']}, up {doc['uptime_secs']} s"
+          + (f", under {doc['service_manager']}" if doc.get("service_manager") else ""))
+    print(f"listen:  {doc['listen']} (token) and {doc['socket']}")
+    print(f"store:   {doc['backend']}")
+    print(f"grants:  {'valid' if grants['valid'] else 'INVALID (denying everything)'}, "
+          f"{grants['count']} grant(s), loaded {grants['loaded_at']}"
+          + (f"\n         {grants['error']}" if grants.get("error") else ""))
+    print(f"leases:  {doc['leases']['active']} active")
+    print(f"requests: {sum(doc['requests'].values())} "
+          + " ".join(f"{k}={v}" for k, v in sorted(doc["requests"].items())))
+    return 0

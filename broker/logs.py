@@ -1,0 +1,45 @@
+"""structlog setup: JSON when not on a terminal, and a processor that redacts by key.
+
+Log calls only ever pass fixed fields (ref, consumer, route, status, ids); the redactor
+is defence in depth for anything named like a credential or a body.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_REDACT = ("authorization", "token", "value", "body", "password", "passphrase", "key",
+           "secret", "cookie")
+_ALLOWED = {"secret_ref", "token_id", "key_name", "lease_id"}
+
+
+def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]
+           ) -> MutableMapping[str, Any]:
+    for name in list(event):
+        lowered = name.lower()
+        if name not in _ALLOWED and any(word in lowered for word in _REDACT):
+            event[name] = "[redacted]"
+    return event
+
+
+def configure(fmt: str | None) -> None:
+    if fmt is None:
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )

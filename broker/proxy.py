@@ -1,0 +1,200 @@
+"""The egress gateway handler: match, lease, swap the key, stream the answer through.
+
+Request headers are stripped first (caller credentials, X-Broker-*, hop-by-hop, anything
+`Connection` names) and the real key is set last, so nothing a caller sends can remove or
+shadow it (tokenizer's StripHazmat, then ApplyDst). The response is written chunk by
+chunk as it arrives, undecoded; redirects are never followed while a key is attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import unquote_plus
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from broker import routes
+from broker.daemon import STATE, BrokerState, consumer_of
+from broker.errors import (
+    BodyTooLarge,
+    BrokerError,
+    SecretNotFound,
+    SecretUnavailable,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from broker.providers import Provider, usage_from_body
+from broker.store import parse_ref
+from grants import AccessRequest
+
+log = structlog.get_logger("broker.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Caller credentials in every form a provider SDK sends them, and org/project selectors
+# that must come from the owner's key, not the caller.
+CALLER_CREDENTIALS = frozenset({
+    "authorization", "x-goog-api-key", "api-key", "x-api-key", "openai-organization",
+    "openai-project", "cookie",
+})
+REQUEST_DROP = HOP_BY_HOP | CALLER_CREDENTIALS | {"host", "content-length", "origin", "referer"}
+RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "server", "date", "alt-svc"}
+USAGE_TAP_LIMIT = 1 << 20  # non-streamed JSON answers up to 1 MiB are scanned for usage
+
+
+async def start(app: web.Application) -> None:
+    state = app[STATE]
+    cfg = state.config
+    state.upstream = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_secs,
+                                      sock_connect=cfg.connect_timeout_secs,
+                                      sock_read=cfg.read_timeout_secs),
+        auto_decompress=False,  # bytes pass through exactly as the provider sent them
+        trust_env=False,  # never route a key through a proxy named in the environment
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the caller sent
+    )
+
+
+async def stop(app: web.Application) -> None:
+    await app[STATE].upstream.close()
+
+
+def upstream_headers(incoming: Any, provider: Provider, key: str) -> CIMultiDict[str]:
+    named_by_connection = {
+        token.strip().lower()
+        for value in incoming.getall("Connection", [])
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if (lowered in REQUEST_DROP or lowered in named_by_connection
+                or lowered.startswith("x-broker-")):
+            continue
+        out.add(name, value)
+    out[provider.auth_header] = provider.auth_format.format(key=key)
+    return out
+
+
+def strip_key_param(query: str) -> str:
+    """Drop `key=` (Google's query-string credential); keep everything else as sent."""
+    if not query:
+        return query
+    kept = [part for part in query.split("&")
+            if unquote_plus(part.split("=", 1)[0]).lower() != "key"]
+    return "&".join(kept)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the request body is larger than {limit} bytes "
+                           "([limits] max_body_bytes)")
+    return await request.read()  # client_max_size enforces the same limit on chunked bodies
+
+
+def _secret_ref(request: web.Request, state: BrokerState, provider: Provider) -> str:
+    named = request.headers.get("X-Broker-Secret-Ref")
+    return parse_ref(named) if named is not None else state.secret_for(provider)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    m = routes.match(state.providers, request.method, request.raw_path)
+    provider = m.provider
+    request["route"] = f"/proxy/{provider.name}/{m.route.path}"
+    consumer = request["consumer"] = consumer_of(request)
+    if state.audit_broken:
+        state.check_audit()
+    ref = _secret_ref(request, state, provider)
+    try:
+        version = state.secret_version(ref)
+    except SecretNotFound as exc:
+        raise SecretUnavailable(exc.message) from None
+    lease = state.access.acquire(
+        AccessRequest(consumer, ref, m.route.purpose, "http_header_inject", provider.host),
+        version, provider=provider.name, route=m.route.path)
+    request["lease_id"] = lease.lease_id
+    key = state.value(ref, version)
+    if any(c in key for c in "\r\n\x00"):
+        raise SecretUnavailable(f"@{ref} holds a line break or NUL and cannot be sent in a header")
+    body = await _read_body(request, state.config.max_body_bytes)
+    url = URL(provider.upstream_url(m.path, strip_key_param(m.query)), encoded=True)
+    started = time.perf_counter()
+    fields: dict[str, Any] = {"status": None, "bytes_out": 0, "outcome": "ok"}
+    try:
+        return await _forward(request, state, url, upstream_headers(request.headers, provider, key),
+                              body, fields)
+    except asyncio.CancelledError:
+        fields["outcome"] = "client_disconnected"
+        raise
+    except BrokerError as exc:
+        fields["status"], fields["outcome"] = exc.status, exc.code
+        raise
+    finally:
+        state.record_safely(
+            "proxy.request", consumer=consumer, secret_ref=ref, purpose=m.route.purpose,
+            provider=provider.name, route=m.route.path, lease_id=lease.lease_id,
+            model=m.params.get("model"),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2), **fields)
+
+
+async def _forward(request: web.Request, state: BrokerState, url: URL,
+                   headers: CIMultiDict[str], body: bytes, fields: dict[str, Any]
+                   ) -> web.StreamResponse:
+    try:
+        upstream = await state.upstream.request(request.method, url, headers=headers, data=body,
+                                                allow_redirects=False)
+    except (TimeoutError, aiohttp.ServerTimeoutError):  # a timeout is also a connection error
+        raise UpstreamTimeout(f"the upstream {url.host} did not answer in time") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnreachable(f"cannot reach the upstream {url.host} "
+                                  f"({type(exc).__name__})") from None
+    async with upstream:
+        if 300 <= upstream.status < 400:
+            raise UpstreamUnreachable(
+                f"the upstream answered {upstream.status} (a redirect); the broker never "
+                "follows one with a key attached", code="upstream_redirect")
+        fields["status"] = upstream.status
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            if name.lower() not in RESPONSE_DROP:
+                response.headers.add(name, value)
+        tap = _usage_tap(upstream)
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                fields["bytes_out"] += len(chunk)
+                if tap is not None:
+                    tap.append(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is a cut connection.
+            fields["outcome"] = "upstream_reset" if not isinstance(exc, TimeoutError) \
+                else "upstream_timeout"
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+    if tap is not None and fields["bytes_out"] <= USAGE_TAP_LIMIT:
+        fields["input_tokens"], fields["output_tokens"] = usage_from_body(b"".join(tap))
+    return response
+
+
+def _usage_tap(upstream: aiohttp.ClientResponse) -> list[bytes] | None:
+    """A copy of small, uncompressed JSON answers, for the token counts in the audit."""
+    content_type = upstream.headers.get("Content-Type", "")
+    if "json" not in content_type or upstream.headers.get("Content-Encoding"):
+        return None
+    if (upstream.content_length or 0) > USAGE_TAP_LIMIT:
+        return None
+    return []

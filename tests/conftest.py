@@ -1,0 +1,176 @@
+"""Shared fixtures: throwaway homes, the CLI as a real process, the daemon as a real process.
+
+Everything runs the way a user runs it: `python -m broker …` in a subprocess with its own
+SECRET_BROKER_HOME. Homes live under a short /tmp path so the Unix socket path stays
+under the 108-byte limit whatever the test is called.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.client import BrokerClient
+from broker.errors import BrokerNotRunning
+
+# Canary values: tests store these and then scan every output for them.
+CANARY = "sk-canary-" + uuid.uuid4().hex
+CANARY_2 = "sk-canary2-" + uuid.uuid4().hex
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy (no fixed sleeps); fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def base_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SECRET_BROKER_") and k != "CREDENTIALS_DIRECTORY"}
+    env["SECRET_BROKER_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Cli:
+    home: Path
+    env: dict[str, str]
+    outputs: list[str] = field(default_factory=list)  # everything printed, for canary scans
+
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "broker", *args], input=input, capture_output=True,
+            text=True, env={**self.env, **(env or {})}, timeout=timeout,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        self.outputs += [proc.stdout, proc.stderr]
+        return proc
+
+    def ok(self, *args: str, **kw: Any) -> str:
+        proc = self(*args, **kw)
+        assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+    def add(self, ref: str, value: str, provider: str = "openai") -> None:
+        self.ok("add", ref, "--provider", provider, "--kind", "api_key", "--stdin", input=value)
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
+    yield root / "h"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def cli(home: Path) -> Cli:
+    """A CLI on a fresh file-vault home unlocked by a generated key file (fast: no Argon2)."""
+    c = Cli(home, base_env(home))
+    c.ok("init", "--backend", "file-vault")
+    return c
+
+
+@dataclass
+class Daemon:
+    home: Path
+    proc: subprocess.Popen[bytes]
+    port: int
+    token: str
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, token: str | None = None, unix: bool = False) -> BrokerClient:
+        if unix:
+            return BrokerClient(socket_path=self.home / "run" / "broker.sock")
+        return BrokerClient(url=self.url, token=token if token is not None else self.token)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_daemon(home: Path, env: dict[str, str], *extra: str) -> Daemon:
+    log_path = home.parent / f"daemon-{uuid.uuid4().hex[:6]}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--listen", "127.0.0.1:0",
+             "--log-format", "json", *extra],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+    unix = BrokerClient(socket_path=home / "run" / "broker.sock", timeout=2.0)
+
+    def answers() -> dict[str, Any] | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            return unix.status()
+        except BrokerNotRunning:
+            return None
+
+    status = wait_for(answers, what="the daemon to answer on its socket")
+    token = (home / "broker.token").read_text().strip()
+    return Daemon(home, proc, int(status["listen"].rsplit(":", 1)[1]), token, log_path)
+
+
+@pytest.fixture
+def daemon_factory(cli: Cli) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def factory(*extra: str, env: dict[str, str] | None = None) -> Daemon:
+        d = start_daemon(cli.home, {**cli.env, **(env or {})}, *extra)
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def write_grants(home: Path, text: str) -> None:
+    """Replace the grants file atomically, as an editor that renames would."""
+    tmp = home / ".grants.tmp"
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    tmp.replace(home / "secrets.grants.toml")
+
+
+def grant(ref: str, consumer: str = "default", purposes: str = '"llm.chat", "llm.embeddings"',
+          delivery: str = '"native", "http_header_inject"', hosts: str = '"api.openai.com"',
+          ttl: int = 300) -> str:
+    return (f'[[grants]]\nsecret_ref = "{ref}"\nconsumer = "{consumer}"\n'
+            f"purposes = [{purposes}]\ndelivery = [{delivery}]\n"
+            f"allowed_hosts = [{hosts}]\nttl_secs = {ttl}\n\n")
+
+
+def scan(texts: list[str] | str, *needles: str) -> list[str]:
+    """The needles found anywhere in texts (empty list = no leak)."""
+    blob = texts if isinstance(texts, str) else "\n".join(texts)
+    return [n for n in needles if n in blob]

@@ -7,7 +7,8 @@ old token at once. Tokens are compared in constant time.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +65,28 @@ class Authenticator:
         if expected and hmac.compare_digest(presented.encode(), expected):
             return Principal("owner", via)
         raise Unauthorized("invalid broker token", code="unauthorized")
+
+
+class FailureThrottle:
+    """Slows a peer that keeps presenting bad tokens; a valid token is never delayed.
+
+    Each failure within `window` seconds past the first `free` doubles the delay before
+    the 401 is sent (capped), so guessing gets slow while the owner is never locked out.
+    """
+
+    def __init__(self, free: int = 5, window: float = 60.0, cap: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._free, self._window, self._cap, self._clock = free, window, cap, clock
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def penalty(self, peer: str) -> float:
+        """Record a failure from `peer`; return how long to wait before answering."""
+        now = self._clock()
+        count, since = self._failures.get(peer, (0, now))
+        if now - since > self._window:
+            count, since = 0, now
+        if len(self._failures) > 10_000:  # bounded memory under a flood of peers
+            self._failures.clear()
+        self._failures[peer] = (count + 1, since)
+        excess = count + 1 - self._free
+        return 0.0 if excess <= 0 else min(self._cap, 0.01 * 2 ** (excess - 1))

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from broker import __version__, hardening, logs, routes
 from broker.audit import rfc3339
-from broker.auth import Authenticator, Principal, presented_token
+from broker.auth import Authenticator, FailureThrottle, Principal, presented_token
 from broker.config import Config, Home, check_private
 from broker.errors import (
     AuditUnavailable,
@@ -60,6 +60,7 @@ class BrokerState:
         self.config = config
         self.providers: dict[str, Provider] = build_providers(config.providers)
         self.auth = Authenticator(service.home.token)
+        self.throttle = FailureThrottle()
         self.access = Access(service.home.grants, self.record)
         self.started = time.time()
         self.requests: Counter[str] = Counter()
@@ -268,6 +269,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         peer = request.remote or "unix"
         state.record("auth.failed", reason="missing" if token is None else "invalid",
                      peer=peer, route=request.path[:200], status=401)
+        await asyncio.sleep(state.throttle.penalty(peer))
         raise
     return await handler(request)
 

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from broker.config import parse_duration
 from broker.errors import AuditUnavailable, UsageError
 
 GENESIS = "0" * 64
@@ -35,12 +36,19 @@ FIELDS = (
     "status", "outcome", "reason", "duration_ms", "bytes_out", "version", "backend", "kind",
     "token_id", "peer", "count", "model", "input_tokens", "output_tokens", "env", "pid",
 )
+MIN_FREE_BYTES = 64 * 1024  # room for a few hundred events; below it, refuse instead
 _MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 
 
 def rfc3339(t: float | None = None) -> str:
     moment = datetime.fromtimestamp(time.time() if t is None else t, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_rfc3339(text: str | None) -> float | None:
+    if text is None:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def line_hash(line: bytes) -> str:
@@ -107,10 +115,9 @@ def verify(lines: Iterable[bytes], key: bytes, checkpoint: tuple[int, str] | Non
 
 def parse_since(text: str) -> float:
     """`--since`: an RFC 3339 time, a date, or a duration ago like 30m, 12h, 7d."""
-    m = re.fullmatch(r"(\d+)([smhd])", text)
-    if m:
-        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return time.time() - int(m.group(1)) * scale
+    ago = parse_duration(text)
+    if ago is not None:
+        return time.time() - ago
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -199,6 +206,18 @@ class AuditLog:
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         return self._fd
+
+    def has_room(self) -> bool:
+        """Whether the log's file system is writable and not (nearly) full. Checked before a
+        request that writes nothing first (it reuses an audited lease) is acted on, so a
+        full or read-only disk refuses it instead of losing its record afterwards."""
+        try:
+            with self._lock:
+                fd = self._open()
+            st = os.fstatvfs(fd)
+        except OSError:
+            return False
+        return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= MIN_FREE_BYTES
 
     def append(self, event: str, actor: str, **fields: Any) -> dict[str, Any]:
         """Write one event; raise AuditUnavailable if it cannot be written."""

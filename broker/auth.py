@@ -6,6 +6,7 @@ old token at once. Tokens are compared in constant time.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,11 +39,28 @@ def presented_token(headers: Mapping[str, str], places: Iterable[str]) -> str | 
     return None
 
 
+@dataclass(frozen=True)
+class ConsumerToken:
+    token_id: str
+    consumer: str
+    expires_at: float | None
+    revoked: bool
+
+
 class Authenticator:
-    def __init__(self, token_path: Path) -> None:
+    """Maps a presented token to a Principal: the bootstrap token, or a consumer token.
+
+    Consumer tokens are looked up by their SHA-256, so the table holds no token and a
+    lookup reveals nothing an attacker could time; the bootstrap token is compared with
+    `hmac.compare_digest`.
+    """
+
+    def __init__(self, token_path: Path, clock: Callable[[], float] = time.time) -> None:
         self._path = token_path
+        self._clock = clock
         self._signature: tuple[int, int] | None = None
         self._token = b""
+        self.consumer_tokens: Mapping[str, ConsumerToken] = {}
 
     def _bootstrap(self) -> bytes:
         try:
@@ -59,12 +77,20 @@ class Authenticator:
         if presented is None:
             if via == "unix":  # protected by the socket's 0600 mode in a 0700 directory
                 return Principal("owner", via)
-            raise Unauthorized("missing broker token: send Authorization: Bearer <token>",
-                               code="unauthorized")
+            raise Unauthorized("missing broker token: send Authorization: Bearer <token>")
+        # Header bytes that are not UTF-8 arrive as surrogates: compare them, never crash.
+        raw = presented.encode("utf-8", "surrogateescape")
         expected = self._bootstrap()
-        if expected and hmac.compare_digest(presented.encode(), expected):
+        if expected and hmac.compare_digest(raw, expected):
             return Principal("owner", via)
-        raise Unauthorized("invalid broker token", code="unauthorized")
+        known = self.consumer_tokens.get(hashlib.sha256(raw).hexdigest())
+        if known is None:
+            raise Unauthorized("invalid broker token")
+        if known.revoked:
+            raise Unauthorized("this consumer token was revoked", token_id=known.token_id)
+        if known.expires_at is not None and self._clock() >= known.expires_at:
+            raise Unauthorized("this consumer token has expired", token_id=known.token_id)
+        return Principal("consumer", via, known.consumer, known.token_id)
 
 
 class FailureThrottle:

@@ -104,7 +104,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    metas = _service(args).list()
+    metas = _service(args).list_secrets()
     if args.json:
         _print_json({"secrets": [m.as_json() for m in metas]})
     elif metas:
@@ -167,20 +167,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from broker import audit
-    from broker.store import parse_ref
-
-    home = Home.from_env()
-    home.require()
     if args.ref == "verify":
         return _audit_verify(args)
-    from broker.config import check_private
-
-    check_private(home.audit)
-    ref = parse_ref(args.ref) if args.ref else None
-    since = audit.parse_since(args.since) if args.since else None
-    events = [e for e in audit.read_events(home.audit)
-              if audit.matches(e, ref=ref, event=args.event, since=since)]
+    events = _service(args).audit_events(ref=args.ref, event=args.event, since=args.since)
     if args.json:
         _print_json({"events": events})
         return 0
@@ -192,13 +181,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from broker import audit
-    from broker.config import check_private
-
-    svc = _service(args)
-    check_private(svc.home.audit)
-    verdict = audit.verify(audit.read_lines(svc.home.audit), svc.derived_key("audit-log"),
-                           svc.metadata.checkpoint())
+    verdict = _service(args).verify_audit()
     if args.json:
         _print_json({"ok": verdict.ok, "checked": verdict.checked,
                      "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
@@ -233,6 +216,19 @@ def cmd_grants_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grants_explain(args: argparse.Namespace) -> int:
+    from grants import AccessRequest, decide, load_grants
+    from grants.render import explain_as_json
+
+    doc = explain_as_json(decide(load_grants(Home.from_env().grants), AccessRequest(
+        args.consumer, args.secret, args.purpose, args.delivery, args.host)))
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"{doc['decision']}: {doc['reason']}")
+    return 0 if doc["decision"] == "allow" else 4
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.daemon import serve
 
@@ -262,6 +258,41 @@ def cmd_token_rotate(args: argparse.Namespace) -> int:
     _service(args).rotate_token()
     print("rotated the bootstrap token; the old one no longer works "
           "(a running broker picks the new one up at once)")
+    return 0
+
+
+def _token_rows(tokens: Sequence[Any]) -> list[list[object]]:
+    return [[t.id, t.consumer, t.description, t.created_at, t.expires_at, t.last_used_at,
+             t.revoked_at] for t in tokens]
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    meta, token = _service(args).create_token(args.consumer, args.ttl, args.description)
+    if args.json:
+        _print_json({**meta.as_json(), "token": token})
+    else:
+        print(token)
+        print(f"created {meta.id} for consumer {meta.consumer}"
+              + (f", expires {meta.expires_at}" if meta.expires_at else "")
+              + "; this is the only time the token is shown", file=sys.stderr)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    tokens = _service(args).list_tokens()
+    if args.json:
+        _print_json({"tokens": [t.as_json() for t in tokens]})
+    else:
+        _print_table(_token_rows(tokens), ("ID", "CONSUMER", "DESCRIPTION", "CREATED",
+                                           "EXPIRES", "LAST USED", "REVOKED"))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.consumer is None):
+        raise UsageError("name a token id or --consumer NAME (one of them)")
+    revoked = _service(args).revoke_tokens(token_id=args.id, consumer=args.consumer)
+    print(f"revoked {len(revoked)} token(s): {', '.join(t.id for t in revoked) or '-'}")
     return 0
 
 
@@ -321,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                  grants)
     sp.add_argument("file", nargs="?")
     sp.add_argument("--json", action="store_true")
+    sp = command("explain", cmd_grants_explain, "would a grant allow this? (exit 0 allow, 4 deny)",
+                 grants)
+    sp.add_argument("--consumer", required=True)
+    sp.add_argument("--secret", required=True, help="@ref")
+    sp.add_argument("--purpose")
+    sp.add_argument("--delivery", required=True)
+    sp.add_argument("--host")
+    sp.add_argument("--json", action="store_true")
 
     sp = command("serve", cmd_serve, "run the broker in the foreground")
     sp.add_argument("--listen", help="HOST:PORT for loopback HTTP (default from config.toml)")
@@ -338,10 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("status", cmd_status, "show whether the broker runs, and its state")
     sp.add_argument("--json", action="store_true")
 
-    token = sub.add_parser("token", help="bootstrap token tools").add_subparsers(
+    token = sub.add_parser("token", help="bootstrap and consumer tokens").add_subparsers(
         dest="token_command", required=True, metavar="SUBCOMMAND")
     command("rotate", cmd_token_rotate, "make a new bootstrap token; the old one stops working",
             token)
+    sp = command("create", cmd_token_create, "make a token for one consumer (shown once)", token)
+    sp.add_argument("--consumer", required=True)
+    sp.add_argument("--ttl", help="lifetime: 90s, 30m, 12h, 7d (default: until revoked)")
+    sp.add_argument("--description")
+    sp.add_argument("--json", action="store_true")
+    sp = command("list", cmd_token_list, "list consumer tokens (never their values)", token)
+    sp.add_argument("--json", action="store_true")
+    sp = command("revoke", cmd_token_revoke, "revoke a token, or every token of a consumer",
+                 token)
+    sp.add_argument("id", nargs="?")
+    sp.add_argument("--consumer")
     return p
 
 

@@ -33,6 +33,12 @@ _BY_CODE: dict[str, type[errors.BrokerError]] = {
     "audit_unavailable": errors.AuditUnavailable,
     "secret_unavailable": errors.SecretUnavailable,
     "route_not_found": errors.RouteNotFound,
+    "owner_only": errors.Forbidden,
+    "consumer_mismatch": errors.Forbidden,
+    "host_header_refused": errors.Forbidden,
+    "origin_not_allowed": errors.Forbidden,
+    "token_not_found": errors.NotFound,
+    "lease_not_found": errors.NotFound,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -12,6 +13,14 @@ from typing import Any
 from broker.errors import ConfigError, InsecureFile, NotInitialized
 
 DEFAULT_LISTEN = "127.0.0.1:18443"
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int | None:
+    """`90s`, `30m`, `12h`, `7d` -> seconds; None when `text` is not a duration."""
+    m = _DURATION.fullmatch(text.strip())
+    return None if m is None else int(m.group(1)) * _UNITS[m.group(2)]
 
 
 @dataclass(frozen=True)

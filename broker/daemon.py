@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hmac
 import ipaddress
 import os
-import re
 import signal
 import socket
 import time
@@ -25,13 +25,20 @@ import structlog
 from aiohttp import web
 
 from broker import __version__, hardening, logs, routes
-from broker.audit import rfc3339
-from broker.auth import Authenticator, FailureThrottle, Principal, presented_token
-from broker.config import Config, Home, check_private
+from broker.audit import parse_rfc3339, rfc3339
+from broker.auth import (
+    Authenticator,
+    ConsumerToken,
+    FailureThrottle,
+    Principal,
+    presented_token,
+)
+from broker.config import Config, Home, check_private, load_config
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
     Forbidden,
+    NotFound,
     RouteNotFound,
     SecretNotFound,
     SecretUnavailable,
@@ -41,13 +48,12 @@ from broker.errors import (
 )
 from broker.leases import Access
 from broker.providers import Provider, build_providers, error_body
-from broker.service import Service
+from broker.service import CONSUMER_RE, Service
 from broker.store import parse_ref
 from grants import DELIVERIES, AccessRequest, Lease
 
 log = structlog.get_logger("broker")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-CONSUMER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 STATE: web.AppKey[BrokerState] = web.AppKey("state", object)  # type: ignore[arg-type]
 
@@ -62,6 +68,7 @@ class BrokerState:
         self.auth = Authenticator(service.home.token)
         self.throttle = FailureThrottle()
         self.access = Access(service.home.grants, self.record)
+        self.admin = service.as_actor("admin")
         self.started = time.time()
         self.requests: Counter[str] = Counter()
         self.listen = ""
@@ -69,6 +76,8 @@ class BrokerState:
         self._secrets: dict[str, tuple[int, str]] = {}  # ref -> (version, provider)
         self._values: dict[str, tuple[int, str]] = {}  # ref -> (version, value), in memory only
         self._used: set[str] = set()
+        self._ended_tokens: set[str] = set()
+        self.tokens_used: set[str] = set()
         self.audit_broken = False
         self.upstream: Any = None  # the pooled aiohttp ClientSession, made in proxy.start()
 
@@ -89,14 +98,22 @@ class BrokerState:
             log.error("audit.failed", audit_event=event, error=exc.message)
 
     def check_audit(self) -> None:
-        """While the log is broken, each request first tries to write again (or is 503)."""
-        self.record("audit.resumed")
+        """Before acting: 503 while the log's file system is full or read-only; and while
+        the log is broken, each request first tries to write again (or is 503)."""
+        if not self.service.audit_log.has_room():
+            self.audit_broken = True
+            raise AuditUnavailable(f"the audit log {self.service.home.audit} has no room (its "
+                                   "file system is full or read-only); the request was refused")
+        if self.audit_broken:
+            self.record("audit.resumed")
 
     # --- secrets: metadata is re-read only when another process committed a change -------
 
-    def refresh_secrets(self) -> None:
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read secrets and consumer tokens when another process committed a change
+        (`PRAGMA data_version`), or after the daemon's own change (`force`)."""
         version = self.service.metadata.data_version()
-        if version == self._data_version:
+        if version == self._data_version and not force:
             return
         self._data_version = version
         fresh = {m.ref: (m.version, m.provider) for m in self.service.metadata.all()}
@@ -106,9 +123,24 @@ class BrokerState:
                 self._values.pop(ref, None)
                 self.access.secret_changed(ref, None if new is None else new[0])
         self._secrets = fresh
+        self.auth.consumer_tokens = {
+            t.hash: ConsumerToken(t.id, t.consumer, parse_rfc3339(t.expires_at),
+                                  t.revoked_at is not None)
+            for t in self.service.metadata.tokens()}
+        self.end_leases_of_dead_tokens()
+
+    def end_leases_of_dead_tokens(self) -> None:
+        """A revoked or expired token's consumer loses its leases at once (they are
+        minted again on demand for a token that still works)."""
+        now = time.time()
+        for token in self.auth.consumer_tokens.values():
+            dead = token.revoked or (token.expires_at is not None and now >= token.expires_at)
+            if dead and token.token_id not in self._ended_tokens:
+                self._ended_tokens.add(token.token_id)
+                self.access.consumer_ended(token.consumer, f"token {token.token_id} ended")
 
     def secret_version(self, ref: str) -> int:
-        self.refresh_secrets()
+        self.refresh()
         found = self._secrets.get(ref)
         if found is None:
             raise SecretNotFound(f"no secret @{ref}; add it with `secret-broker add @{ref}`")
@@ -120,8 +152,15 @@ class BrokerState:
             return cached[1]
         try:
             value = self.service.store.get(ref)
+            recorded = self.service.metadata.get(ref).fingerprint
         except (SecretNotFound, UnlockFailed) as exc:
             raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
+        # Only the value the metadata records is used: a vault file rolled back to a retired
+        # value (it still decrypts) or an entry changed behind the broker's back is refused.
+        if not hmac.compare_digest(self.service.fingerprint(value), recorded):
+            raise SecretUnavailable(
+                f"the stored value of @{ref} is not the one its metadata records (restored from "
+                f"an old copy, or changed outside secret-broker); rotate @{ref} to fix it")
         self._values[ref] = (version, value)
         self._used.add(ref)
         return value
@@ -130,7 +169,7 @@ class BrokerState:
         """SPEC §7: the provider's configured secret_ref, else its one secret."""
         if provider.secret_ref is not None:
             return provider.secret_ref
-        self.refresh_secrets()
+        self.refresh()
         refs = [r for r, (_v, p) in self._secrets.items() if p == provider.name]
         if len(refs) == 1:
             return refs[0]
@@ -146,6 +185,9 @@ class BrokerState:
         used, self._used = self._used, set()
         for ref in used:
             self.service.touch(ref)
+        tokens, self.tokens_used = self.tokens_used, set()
+        for token_id in tokens:
+            self.service.metadata.touch_token(token_id, rfc3339())
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -159,6 +201,8 @@ def via(request: web.Request) -> str:
 
 def consumer_of(request: web.Request) -> str:
     principal: Principal = request["principal"]
+    if len(request.headers.getall("X-Broker-Consumer", [])) > 1:  # which one would win?
+        raise UsageError("send X-Broker-Consumer once")
     claimed = request.headers.get("X-Broker-Consumer")
     if claimed is not None and not CONSUMER_RE.fullmatch(claimed):
         raise UsageError("X-Broker-Consumer must be 1-128 of A-Z a-z 0-9 _ . -")
@@ -255,22 +299,38 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
+OWNER_ONLY = ("/v1/admin/", "/ui/api/")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one authentication step: any token (or the socket) becomes a Principal."""
     state = request.app[STATE]
     places: tuple[str, ...] = ("authorization",)
     name = routes.provider_name(request.raw_path)
     if name in state.providers:
         places = state.providers[name].caller_auth
     token = presented_token(request.headers, places)
+    state.refresh()  # a token created or revoked a moment ago counts at once
     try:
-        request["principal"] = state.auth.authenticate(token, via(request))
-    except Unauthorized:
+        principal = state.auth.authenticate(token, via(request))
+    except Unauthorized as exc:
         peer = request.remote or "unix"
         state.record("auth.failed", reason="missing" if token is None else "invalid",
-                     peer=peer, route=request.path[:200], status=401)
-        await asyncio.sleep(state.throttle.penalty(peer))
+                     peer=peer, route=request.path[:200], status=401, token_id=exc.token_id)
+        # Any local process may bind any 127/8 source address, so loopback peers share
+        # one bucket: rotating addresses must not reset the slowdown.
+        delay = state.throttle.penalty("loopback" if _host_is_loopback(peer) else peer)
+        if delay:
+            log.warning("auth.throttled", peer=peer, delay_ms=round(delay * 1000))
+        await asyncio.sleep(delay)
         raise
+    if principal.kind != "owner" and request.path.startswith(OWNER_ONLY):
+        raise Forbidden("only the owner's token or the Unix socket may use this route",
+                        code="owner_only")
+    request["principal"] = principal
+    if principal.token_id is not None:
+        state.tokens_used.add(principal.token_id)
     return await handler(request)
 
 
@@ -300,10 +360,10 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: 400, not a 500
         raise UsageError("the request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise UsageError("the request body must be a JSON object")
@@ -312,7 +372,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 async def create_lease(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = await _json_body(request)
+    body = await json_body(request)
     fields = {k: body.get(k) for k in ("secret_ref", "purpose", "delivery")}
     for key, value in fields.items():
         if not isinstance(value, str) or not value:
@@ -325,6 +385,7 @@ async def create_lease(request: web.Request) -> web.Response:
     ref = parse_ref(str(fields["secret_ref"]))
     consumer = request["consumer"] = consumer_of(request)
     version = state.secret_version(ref)
+    state.check_audit()
     lease = state.access.acquire(
         AccessRequest(consumer, ref, str(fields["purpose"]), str(fields["delivery"]), None),
         version)
@@ -350,7 +411,7 @@ async def revoke_lease(request: web.Request) -> web.Response:
     lease_id = request.match_info["lease_id"]
     lease = state.access.table.get(lease_id)
     if lease is None or (principal.consumer is not None and lease.consumer != principal.consumer):
-        raise BrokerError(f"no active lease {lease_id}", code="lease_not_found") from None
+        raise NotFound(f"no active lease {lease_id}", code="lease_not_found")
     state.access.revoke(lease_id, "revoked by request")
     return web.json_response({"lease_id": lease_id, "revoked": True})
 
@@ -359,7 +420,7 @@ async def revoke_lease(request: web.Request) -> web.Response:
 
 
 def create_app(state: BrokerState) -> web.Application:
-    from broker import proxy
+    from broker import admin, proxy
 
     app = web.Application(
         middlewares=[errors_middleware, guard_middleware, auth_middleware],
@@ -372,6 +433,7 @@ def create_app(state: BrokerState) -> web.Application:
     app.router.add_get("/v1/leases", list_leases)
     app.router.add_delete("/v1/leases/{lease_id}", revoke_lease)
     app.router.add_route("*", "/proxy/{tail:.*}", proxy.handle)
+    admin.add_routes(app, "/v1/admin")
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     return app
@@ -441,10 +503,8 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
     home.require()
     for path in (home.root, home.token, home.audit, home.vault, home.vault_key):
         check_private(path)
-    service = Service(home, environ, actor="broker", audit_fsync="batch")
-    config = service.config
-    if config.audit_fsync == "always":
-        service = Service(home, environ, actor="broker", audit_fsync="always")
+    config = load_config(home)
+    service = Service(home, environ, actor="broker", audit_fsync=config.audit_fsync)
     host, port = parse_listen(listen or config.listen, allow_remote)
     pid_fd = _take_pid_lock(home)
     try:
@@ -479,7 +539,7 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     state.access.reload("startup")
-    state.refresh_secrets()
+    state.refresh()
     app = create_app(state)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            access_log=None, shutdown_timeout=30.0)
@@ -522,6 +582,7 @@ async def _flush_audit(state: BrokerState) -> None:
 
 async def _housekeeping(state: BrokerState) -> None:
     state.access.reload_if_changed()
-    state.refresh_secrets()
+    state.refresh()
+    state.end_leases_of_dead_tokens()  # tokens expire without any commit to notice
     state.flush_last_used()
 

@@ -139,7 +139,7 @@ def load_header(data: bytes) -> Header:
     """Parse strictly and hold KDF parameters to the floor and ceiling."""
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # deep nesting is a tampered file too, not a crash
         raise EnvelopeError("vault header is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != 1:
         raise EnvelopeError("vault header: not a secret-broker vault (version 1)")

@@ -44,10 +44,16 @@ class NotInitialized(BrokerError):
     code = "not_initialized"
 
 
-class SecretNotFound(BrokerError):
-    code = "secret_not_found"
+class NotFound(BrokerError):
+    """Something named does not exist (a secret, token, lease)."""
+
+    code = "not_found"
     status = 404
     exit_code = 3
+
+
+class SecretNotFound(NotFound):
+    code = "secret_not_found"
 
 
 class SecretExists(BrokerError):
@@ -94,6 +100,11 @@ class Unauthorized(BrokerError):
     code = "unauthorized"
     status = 401
     exit_code = 4
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 token_id: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.token_id = token_id  # a known (revoked or expired) token, for the audit
 
 
 class Forbidden(BrokerError):

@@ -17,7 +17,16 @@ from typing import Any
 import structlog
 
 from broker.errors import Denied
-from grants import AccessRequest, Deny, GrantsError, Lease, LeaseTable, decide, load_grants
+from grants import (
+    AccessRequest,
+    Decision,
+    Deny,
+    GrantsError,
+    Lease,
+    LeaseTable,
+    decide,
+    load_grants,
+)
 from grants.model import Grant
 
 log = structlog.get_logger("broker.leases")
@@ -87,6 +96,13 @@ class Access:
 
     # --- leases -----------------------------------------------------------------------------
 
+    def decide(self, request: AccessRequest) -> Decision:
+        """The loaded policy's answer, without a lease or an audit record (for explain)."""
+        if not self.state.valid:
+            return Deny("the grants file is invalid, so everything is denied until it is "
+                        f"fixed: {self.state.error}")
+        return decide(self.state.grants, request)
+
     def acquire(self, request: AccessRequest, secret_version: int, **audit: Any) -> Lease:
         """An active lease for this request, or a new one if a grant allows it."""
         ref = request.secret_ref.lstrip("@")
@@ -94,11 +110,7 @@ class Access:
         lease = self.table.active(key)
         if lease is not None and lease.secret_version == secret_version:
             return lease
-        if not self.state.valid:
-            decision: Any = Deny(f"the grants file is invalid, so everything is denied until it "
-                                 f"is fixed: {self.state.error}")
-        else:
-            decision = decide(self.state.grants, request)
+        decision = self.decide(request)
         fields = dict(consumer=request.consumer, secret_ref=ref, purpose=request.purpose,
                       delivery=request.delivery, host=request.host, **audit)
         if isinstance(decision, Deny):
@@ -117,6 +129,10 @@ class Access:
         if lease is not None:
             self._record_revoked([lease], reason)
         return lease
+
+    def consumer_ended(self, consumer: str, reason: str) -> None:
+        self._record_revoked(self.table.revoke_where(lambda lease: lease.consumer == consumer),
+                             reason)
 
     def secret_changed(self, ref: str, version: int | None) -> None:
         """A rotation (keep `version`'s leases) or a removal (version None) ends old leases."""

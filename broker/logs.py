@@ -27,6 +27,22 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]
     return event
 
 
+class _ErrorTypeOnly(logging.Filter):
+    """aiohttp logs a request it cannot parse with the raw offending line (an Authorization
+    header, a token) and a traceback; asyncio may log exception text too. Re-log such a
+    record as one JSON event naming only the error type, and drop the original."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        structlog.get_logger(record.name).warning(
+            "internal.error", logger=record.name, error=type(exc).__name__ if exc else None)
+        return False
+
+
+_STDLIB_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal",
+                   "aiohttp.client", "asyncio")
+
+
 def configure(fmt: str | None) -> None:
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -43,3 +59,7 @@ def configure(fmt: str | None) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    for name in _STDLIB_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ErrorTypeOnly) for f in logger.filters):
+            logger.addFilter(_ErrorTypeOnly())

@@ -22,6 +22,17 @@ CREATE TABLE IF NOT EXISTS secrets (
     last_used_at TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    consumer TEXT NOT NULL,
+    description TEXT,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    last_used_at TEXT,
+    revoked_at TEXT,
+    daily_tokens INTEGER
+);
 """
 
 
@@ -39,6 +50,26 @@ class SecretMeta:
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenMeta:
+    """A consumer token's record; only the SHA-256 of the token itself is kept."""
+
+    id: str
+    hash: str
+    consumer: str
+    description: str | None
+    created_at: str
+    expires_at: str | None
+    last_used_at: str | None
+    revoked_at: str | None
+    daily_tokens: int | None
+
+    def as_json(self) -> dict[str, object]:
+        doc = asdict(self)
+        del doc["hash"]
+        return doc
 
 
 class Metadata:
@@ -121,3 +152,32 @@ class Metadata:
 
     def delete(self, ref: str) -> None:
         self._db.execute("DELETE FROM secrets WHERE ref = ?", (ref,))
+
+    # --- consumer tokens ----------------------------------------------------------------
+
+    def insert_token(self, token: TokenMeta) -> None:
+        self._db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (token.id, token.hash, token.consumer, token.description,
+                          token.created_at, token.expires_at, token.last_used_at,
+                          token.revoked_at, token.daily_tokens))
+
+    def tokens(self) -> list[TokenMeta]:
+        rows = self._db.execute("SELECT * FROM tokens ORDER BY created_at, id")
+        return [TokenMeta(*row) for row in rows]
+
+    def revoke_tokens(self, when: str, *, token_id: str | None = None,
+                      consumer: str | None = None) -> list[TokenMeta]:
+        """Revoke one token or all of a consumer's; return those that were active."""
+        column, value = ("id", token_id) if token_id is not None else ("consumer", consumer)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(
+                f"SELECT * FROM tokens WHERE {column} = ? AND revoked_at IS NULL",  # noqa: S608
+                (value,)).fetchall()
+            self._db.execute(
+                f"UPDATE tokens SET revoked_at = ? WHERE {column} = ? AND revoked_at IS NULL",  # noqa: S608
+                (when, value))
+        return [TokenMeta(*row) for row in rows]
+
+    def touch_token(self, token_id: str, when: str) -> None:
+        self._db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (when, token_id))

@@ -9,6 +9,7 @@ chunk as it arrives, undecoded; redirects are never followed while a key is atta
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 from urllib.parse import unquote_plus
@@ -28,6 +29,7 @@ from broker.errors import (
     SecretUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
+    UsageError,
 )
 from broker.providers import Provider, usage_from_body
 from broker.store import parse_ref
@@ -87,12 +89,21 @@ def upstream_headers(incoming: Any, provider: Provider, key: str) -> CIMultiDict
 
 
 def strip_key_param(query: str) -> str:
-    """Drop `key=` (Google's query-string credential); keep everything else as sent."""
+    """Drop `key=` (Google's query-string credential); keep everything else as sent.
+
+    Servers differ on whether `;` separates parameters, so both `&` and `;` do here, and
+    a name is compared as a server might read it (decoded, trimmed, any case)."""
     if not query:
         return query
-    kept = [part for part in query.split("&")
-            if unquote_plus(part.split("=", 1)[0]).lower() != "key"]
-    return "&".join(kept)
+    pieces = re.split(r"([&;])", query)  # part, separator, part, ...
+    out: list[str] = []
+    for i in range(0, len(pieces), 2):
+        if unquote_plus(pieces[i].split("=", 1)[0]).strip().lower() == "key":
+            continue
+        if out:
+            out.append(pieces[i - 1])
+        out.append(pieces[i])
+    return "".join(out)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -103,6 +114,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _secret_ref(request: web.Request, state: BrokerState, provider: Provider) -> str:
+    if len(request.headers.getall("X-Broker-Secret-Ref", [])) > 1:  # which one would win?
+        raise UsageError("send X-Broker-Secret-Ref once")
     named = request.headers.get("X-Broker-Secret-Ref")
     return parse_ref(named) if named is not None else state.secret_for(provider)
 
@@ -113,8 +126,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     provider = m.provider
     request["route"] = f"/proxy/{provider.name}/{m.route.path}"
     consumer = request["consumer"] = consumer_of(request)
-    if state.audit_broken:
-        state.check_audit()
+    state.check_audit()
     ref = _secret_ref(request, state, provider)
     try:
         version = state.secret_version(ref)

@@ -6,12 +6,14 @@ Callers (CLI commands, HTTP handlers) parse input, call one method, and render t
 from __future__ import annotations
 
 import base64
+import copy
 import fcntl
 import hashlib
 import hmac
 import os
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,13 +22,23 @@ from functools import cached_property
 from typing import Any
 
 from broker import audit
-from broker.config import Config, Home, check_private, load_config, render_config, write_private
-from broker.errors import BrokerError, UsageError
-from broker.metadata import Metadata, SecretMeta
+from broker.config import (
+    Config,
+    Home,
+    check_private,
+    load_config,
+    parse_duration,
+    render_config,
+    write_private,
+)
+from broker.errors import BrokerError, NotFound, UsageError
+from broker.metadata import Metadata, SecretMeta, TokenMeta
 from broker.store import KINDS, SecretStore, choose_backend, open_store, parse_ref
 
 INSTANCE_KEY = "!instance-key"
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
+CONSUMER_TOKEN_PREFIX = "sbc_"  # noqa: S105 - a prefix, not a token
+CONSUMER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 EXAMPLE_GRANTS = """\
@@ -196,7 +208,7 @@ class Service:
             self.metadata.delete(ref)
         return meta
 
-    def list(self) -> list[SecretMeta]:
+    def list_secrets(self) -> list[SecretMeta]:
         return self.metadata.all()
 
     def inspect(self, ref: str) -> SecretMeta:
@@ -225,6 +237,75 @@ class Service:
         with self._writing():
             self.record("token.rotated")
             write_private(self.home.token, (new_token() + "\n").encode())
+
+    # --- consumer tokens ------------------------------------------------------------------
+
+    def create_token(self, consumer: str, ttl: str | None = None,
+                     description: str | None = None) -> tuple[TokenMeta, str]:
+        """A new `sbc_` token for `consumer`; the value is returned once and never stored."""
+        if not CONSUMER_RE.fullmatch(consumer):
+            raise UsageError(f"invalid consumer {consumer!r}: use 1-128 of A-Z a-z 0-9 _ . -")
+        expires_at = None
+        if ttl is not None:
+            seconds = parse_duration(ttl)
+            if not seconds:
+                raise UsageError(f"--ttl {ttl!r}: use a positive duration like 90s, 30m, 12h, 7d")
+            expires_at = audit.rfc3339(time.time() + seconds)
+        if description is not None and (len(description) > 500 or "\n" in description):
+            raise UsageError("the description must be one line of at most 500 characters")
+        token = new_token(CONSUMER_TOKEN_PREFIX)
+        meta = TokenMeta("tok_" + secrets.token_hex(8), token_hash(token), consumer,
+                         description, audit.rfc3339(), expires_at, None, None, None)
+        self.record("token.created", token_id=meta.id, consumer=consumer)
+        self.metadata.insert_token(meta)
+        return meta, token
+
+    def list_tokens(self) -> list[TokenMeta]:
+        return self.metadata.tokens()
+
+    def revoke_tokens(self, *, token_id: str | None = None,
+                      consumer: str | None = None) -> list[TokenMeta]:
+        known = self.metadata.tokens()
+        if token_id is not None and token_id not in {t.id for t in known}:
+            raise NotFound(f"no token {token_id}; see `secret-broker token list`",
+                           code="token_not_found")
+        if consumer is not None and consumer not in {t.consumer for t in known}:
+            raise NotFound(f"no token for consumer {consumer!r}", code="token_not_found")
+        revoked = self.metadata.revoke_tokens(audit.rfc3339(), token_id=token_id,
+                                              consumer=consumer)
+        for token in revoked:
+            self.record("token.revoked", token_id=token.id, consumer=token.consumer)
+        return revoked
+
+    # --- audit queries ------------------------------------------------------------------
+
+    def audit_events(self, *, ref: str | None = None, event: str | None = None,
+                     since: str | None = None, limit: int | None = None
+                     ) -> list[dict[str, Any]]:
+        """Matching events, newest last (the last `limit` of them)."""
+        check_private(self.home.audit)
+        ref = parse_ref(ref) if ref else None
+        after = audit.parse_since(since) if since else None
+        events = [e for e in audit.read_events(self.home.audit)
+                  if audit.matches(e, ref=ref, event=event, since=after)]
+        return events[-limit:] if limit else events
+
+    def verify_audit(self) -> audit.Verdict:
+        check_private(self.home.audit)
+        return audit.verify(audit.read_lines(self.home.audit), self.derived_key("audit-log"),
+                            self.metadata.checkpoint())
+
+    def as_actor(self, actor: str) -> Service:
+        """The same opened home (store, audit writer, DB) recording as another actor."""
+        for name in ("config", "metadata", "store", "audit_log"):
+            getattr(self, name)  # open them once, so the view shares them
+        view = copy.copy(self)
+        view.actor = actor
+        return view
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _check_value(value: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from grants.model import Grant
+from grants.model import Allow, Decision, Grant
 
 
 def grants_as_rows(grants: Iterable[Grant]) -> list[dict[str, object]]:
@@ -22,3 +22,12 @@ def grants_as_rows(grants: Iterable[Grant]) -> list[dict[str, object]]:
         }
         for g in grants
     ]
+
+
+def explain_as_json(decision: Decision) -> dict[str, object]:
+    """SPEC §11 explain: the decision, the grant that allowed it, and the reason."""
+    if isinstance(decision, Allow):
+        g = decision.grant
+        return {"decision": "allow", "grant": {"index": g.index, "line": g.line},
+                "reason": f"grant {g.index} (line {g.line}) allows it for {decision.ttl_secs} s"}
+    return {"decision": "deny", "grant": None, "reason": decision.reason}

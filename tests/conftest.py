@@ -174,3 +174,30 @@ def scan(texts: list[str] | str, *needles: str) -> list[str]:
     """The needles found anywhere in texts (empty list = no leak)."""
     blob = texts if isinstance(texts, str) else "\n".join(texts)
     return [n for n in needles if n in blob]
+
+
+@pytest.fixture
+def standins() -> Iterator[dict[str, Any]]:
+    """One started stand-in upstream per provider, each expecting its real key."""
+    from tests.support.gateway import PROVIDERS, real_key
+    from tests.support.standins import StandIn
+
+    started = {p: StandIn(p, real_key(p)).start() for p in PROVIDERS}
+    yield started
+    for s in started.values():
+        s.stop()
+
+
+@pytest.fixture
+def gateway(cli: Cli, standins: dict[str, Any]) -> Iterator[Any]:
+    """A daemon whose providers point at the stand-ins, one secret and grant for each."""
+    from tests.support.gateway import PROVIDERS, Gateway, configure, real_key
+
+    for p in PROVIDERS:
+        cli.add(f"@{p}_api_key", real_key(p), provider=p)
+    configure(cli, standins)
+    d = start_daemon(cli.home, cli.env)
+    yield Gateway(cli, d, standins)
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()

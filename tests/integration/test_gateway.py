@@ -10,80 +10,16 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import openai
 import pytest
 import voyageai.error
 from google.genai import errors as genai_errors
 
-from tests.conftest import Cli, Daemon, scan, start_daemon, wait_for, write_grants
+from tests.conftest import Cli, scan, start_daemon, wait_for
+from tests.support.gateway import JINA_BODY, PROVIDERS, Gateway, configure, real_key
 from tests.support.sdk_clients import genai_client, jina_post, openai_client, voyage_client
 from tests.support.standins import StandIn
-
-PROVIDERS = ("openai", "google", "jina", "voyage")
-PURPOSES = '"llm.chat", "llm.embeddings", "llm.rerank"'
-JINA_BODY = {"model": "jina-embeddings-v3", "input": ["a"]}
-
-
-def real_key(provider: str) -> str:
-    return f"real-{provider}-key-{id(provider):x}-canary"
-
-
-@dataclass
-class Gateway:
-    cli: Cli
-    daemon: Daemon
-    standins: dict[str, StandIn]
-
-    def root(self, provider: str) -> str:
-        return f"{self.daemon.url}/proxy/{provider}"
-
-    def assert_only_real_key_upstream(self, provider: str) -> None:
-        stand = self.standins[provider]
-        assert stand.requests, "upstream saw no request"
-        for rec in stand.requests:
-            sent = json.dumps(rec.headers) + rec.query
-            assert real_key(provider) in sent
-            assert self.daemon.token not in sent
-
-    def audit(self, event: str) -> list[dict[str, Any]]:
-        return list(json.loads(self.cli.ok("audit", "--event", event, "--json"))["events"])
-
-
-def configure(cli: Cli, standins: dict[str, StandIn], *, extra: str = "",
-              base_urls: dict[str, str] | None = None) -> None:
-    urls = {p: s.base_url for p, s in standins.items()} | (base_urls or {})
-    config = "".join(f'[providers.{p}]\nbase_url = "{u}"\n\n' for p, u in urls.items())
-    (cli.home / "config.toml").write_text('[store]\nbackend = "file-vault"\n' + extra + "\n"
-                                          + config)
-    write_grants(cli.home, "".join(
-        f'[[grants]]\nsecret_ref = "{p}_api_key"\nconsumer = "default"\npurposes = [{PURPOSES}]\n'
-        f'delivery = ["http_header_inject"]\nallowed_hosts = ["{s.host}"]\nttl_secs = 300\n\n'
-        for p, s in standins.items()))
-
-
-@pytest.fixture
-def standins() -> Iterator[dict[str, StandIn]]:
-    started = {p: StandIn(p, real_key(p)).start() for p in PROVIDERS}
-    yield started
-    for s in started.values():
-        s.stop()
-
-
-@pytest.fixture
-def gateway(cli: Cli, standins: dict[str, StandIn]) -> Iterator[Gateway]:
-    for p in PROVIDERS:
-        cli.add(f"@{p}_api_key", real_key(p), provider=p)
-    configure(cli, standins)
-    d = start_daemon(cli.home, cli.env)
-    yield Gateway(cli, d, standins)
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
-
 
 # --- OpenAI -----------------------------------------------------------------------------------
 

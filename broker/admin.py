@@ -1,0 +1,161 @@
+"""The admin API (SPEC §11): thin adapters from JSON to the service layer.
+
+Owner only (the auth middleware refuses consumer tokens with 403 `owner_only`). Values are
+write-only: no route returns one. Every mutation is audited with actor `admin` by the
+service layer, exactly as its CLI twin is with actor `cli`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from broker.audit import rfc3339
+from broker.daemon import STATE, json_body
+from broker.errors import UsageError
+from grants import AccessRequest
+from grants.render import explain_as_json, grants_as_rows
+
+
+def _fields(body: dict[str, Any], required: tuple[str, ...],
+            optional: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Strict string fields: a missing, mistyped or unknown field is a 400 naming it."""
+    unknown = set(body) - set(required) - set(optional)
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    out: dict[str, str | None] = {}
+    for key in (*required, *optional):
+        value = body.get(key)
+        if value is None and key in optional:
+            out[key] = None
+            continue
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{key} is required and must be a non-empty string")
+        out[key] = value
+    return out
+
+
+def _str(value: str | None) -> str:
+    assert value is not None  # _fields guarantees required fields
+    return value
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+async def list_secrets(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"secrets": [m.as_json() for m in state.admin.list_secrets()]})
+
+
+async def add_secret(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    f = _fields(await json_body(request), ("ref", "provider", "kind", "value"))
+    meta = state.admin.add(_str(f["ref"]), _str(f["provider"]), _str(f["kind"]), _str(f["value"]))
+    state.refresh(force=True)
+    return web.json_response(meta.as_json(), status=201)
+
+
+async def inspect_secret(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(state.admin.inspect(request.match_info["ref"]).as_json())
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    f = _fields(await json_body(request), ("value",))
+    meta = state.admin.rotate(request.match_info["ref"], _str(f["value"]))
+    state.refresh(force=True)
+    return web.json_response(meta.as_json())
+
+
+async def remove_secret(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    meta = state.admin.remove(request.match_info["ref"])
+    state.refresh(force=True)
+    return web.json_response({"removed": meta.ref})
+
+
+# --- grants -----------------------------------------------------------------------------------
+
+
+async def show_grants(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    current = state.access.state
+    return web.json_response({
+        "file": str(state.service.home.grants), "valid": current.valid, "error": current.error,
+        "loaded_at": rfc3339(current.loaded_at), "grants": grants_as_rows(current.grants)})
+
+
+async def explain(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    f = _fields(await json_body(request), ("consumer", "secret_ref", "delivery"),
+                ("purpose", "host"))
+    decision = state.access.decide(AccessRequest(
+        _str(f["consumer"]), _str(f["secret_ref"]), f["purpose"], _str(f["delivery"]), f["host"]))
+    return web.json_response(explain_as_json(decision))
+
+
+# --- consumer tokens --------------------------------------------------------------------------
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"tokens": [t.as_json() for t in state.admin.list_tokens()]})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    f = _fields(await json_body(request), ("consumer",), ("ttl", "description"))
+    meta, token = state.admin.create_token(_str(f["consumer"]), f["ttl"], f["description"])
+    state.refresh(force=True)
+    return web.json_response({**meta.as_json(), "token": token}, status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    revoked = state.admin.revoke_tokens(token_id=request.match_info["token_id"])
+    state.refresh(force=True)
+    return web.json_response({"revoked": [t.id for t in revoked]})
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+async def audit_events(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    q = request.query
+    limit_text = q.get("limit")
+    if limit_text is not None and not (limit_text.isdigit() and int(limit_text) > 0):
+        raise UsageError("limit must be a positive integer")
+    events = state.admin.audit_events(ref=q.get("ref") or None, event=q.get("event") or None,
+                                      since=q.get("since") or None,
+                                      limit=int(limit_text) if limit_text else None)
+    return web.json_response({"events": events})
+
+
+async def audit_verify(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.service.audit_log.flush()  # verify what has been acknowledged, checkpoint included
+    verdict = state.admin.verify_audit()
+    return web.json_response({"ok": verdict.ok, "checked": verdict.checked,
+                              "first_bad_line": verdict.first_bad_line,
+                              "reason": verdict.reason})
+
+
+def add_routes(app: web.Application, prefix: str) -> None:
+    """Mount the admin routes under `prefix` (`/v1/admin`; the dashboard mounts them too)."""
+    r = app.router
+    r.add_get(f"{prefix}/secrets", list_secrets)
+    r.add_post(f"{prefix}/secrets", add_secret)
+    r.add_get(f"{prefix}/secrets/{{ref}}", inspect_secret)
+    r.add_put(f"{prefix}/secrets/{{ref}}", rotate_secret)
+    r.add_delete(f"{prefix}/secrets/{{ref}}", remove_secret)
+    r.add_get(f"{prefix}/grants", show_grants)
+    r.add_post(f"{prefix}/grants/explain", explain)
+    r.add_get(f"{prefix}/tokens", list_tokens)
+    r.add_post(f"{prefix}/tokens", create_token)
+    r.add_delete(f"{prefix}/tokens/{{token_id}}", revoke_token)
+    r.add_get(f"{prefix}/audit", audit_events)
+    r.add_get(f"{prefix}/audit/verify", audit_verify)

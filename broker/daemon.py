@@ -51,6 +51,7 @@ from broker.providers import Provider, build_providers, error_body
 from broker.service import CONSUMER_RE, Service
 from broker.store import parse_ref
 from grants import DELIVERIES, AccessRequest, Lease
+from grants.render import explain_as_json, grants_as_rows
 
 log = structlog.get_logger("broker")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -416,6 +417,45 @@ async def revoke_lease(request: web.Request) -> web.Response:
     return web.json_response({"lease_id": lease_id, "revoked": True})
 
 
+# --- what a consumer may see of its own access (the MCP server uses these) ----------------
+
+
+async def my_grants(request: web.Request) -> web.Response:
+    """The grants of the caller's consumer, with each secret's provider and kind."""
+    state = request.app[STATE]
+    consumer = request["consumer"] = consumer_of(request)
+    metas = {m.ref: m for m in state.service.metadata.all()}
+    rows = []
+    for row in grants_as_rows(g for g in state.access.state.grants if g.consumer == consumer):
+        meta = metas.get(str(row["secret_ref"]))
+        rows.append({**row, "provider": meta.provider if meta else None,
+                     "kind": meta.kind if meta else None, "exists": meta is not None})
+    return web.json_response({"consumer": consumer, "grants": rows})
+
+
+async def my_explain(request: web.Request) -> web.Response:
+    """Would the caller's consumer be allowed? Defaults: header injection to the secret's
+    provider host, as a gateway call would ask."""
+    state = request.app[STATE]
+    body = await json_body(request)
+    consumer = request["consumer"] = consumer_of(request)
+    unknown = set(body) - {"secret_ref", "purpose", "delivery", "host"}
+    mistyped = [k for k, v in body.items() if not isinstance(v, str)]
+    if unknown or mistyped or "secret_ref" not in body:
+        raise UsageError("send string fields {\"secret_ref\", \"purpose\"} "
+                         "(optional: delivery, host)")
+    ref = parse_ref(body["secret_ref"])
+    delivery = body.get("delivery") or "http_header_inject"
+    host = body.get("host")
+    meta = state.service.metadata.find(ref)
+    if host is None and delivery == "http_header_inject" and meta is not None:
+        provider = state.providers.get(meta.provider)
+        host = provider.host if provider is not None else None
+    decision = state.access.decide(AccessRequest(consumer, ref, body.get("purpose"), delivery,
+                                                 host))
+    return web.json_response(explain_as_json(decision))
+
+
 # --- wiring ---------------------------------------------------------------------------------
 
 
@@ -432,6 +472,8 @@ def create_app(state: BrokerState) -> web.Application:
     app.router.add_post("/v1/leases", create_lease)
     app.router.add_get("/v1/leases", list_leases)
     app.router.add_delete("/v1/leases/{lease_id}", revoke_lease)
+    app.router.add_get("/v1/grants", my_grants)
+    app.router.add_post("/v1/explain", my_explain)
     app.router.add_route("*", "/proxy/{tail:.*}", proxy.handle)
     admin.add_routes(app, "/v1/admin")
     app.on_startup.append(proxy.start)

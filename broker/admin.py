@@ -107,8 +107,13 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    f = _fields(await json_body(request), ("consumer",), ("ttl", "description"))
-    meta, token = state.admin.create_token(_str(f["consumer"]), f["ttl"], f["description"])
+    body = await json_body(request)
+    daily = body.pop("daily_tokens", None)
+    if daily is not None and (not isinstance(daily, int) or isinstance(daily, bool)):
+        raise UsageError("daily_tokens must be a whole number")
+    f = _fields(body, ("consumer",), ("ttl", "description"))
+    meta, token = state.admin.create_token(_str(f["consumer"]), f["ttl"], f["description"],
+                                           daily)
     state.refresh(force=True)
     return web.json_response({**meta.as_json(), "token": token}, status=201)
 
@@ -144,6 +149,17 @@ async def audit_verify(request: web.Request) -> web.Response:
                               "reason": verdict.reason})
 
 
+async def usage(request: web.Request) -> web.Response:
+    """Usage (SPEC §15); the owner sees every consumer, a consumer token only its own."""
+    state = request.app[STATE]
+    state.flush_usage(state.service.metadata)  # include what the last second added
+    principal = request["principal"]
+    rows = state.admin.usage(since=request.query.get("since") or None,
+                             by=request.query.get("group_by") or None,
+                             consumer=principal.consumer)
+    return web.json_response({"usage": [r.as_json() for r in rows]})
+
+
 def add_routes(app: web.Application, prefix: str) -> None:
     """Mount the admin routes under `prefix` (`/v1/admin`; the dashboard mounts them too)."""
     r = app.router
@@ -159,3 +175,4 @@ def add_routes(app: web.Application, prefix: str) -> None:
     r.add_delete(f"{prefix}/tokens/{{token_id}}", revoke_token)
     r.add_get(f"{prefix}/audit", audit_events)
     r.add_get(f"{prefix}/audit/verify", audit_verify)
+    r.add_get(f"{prefix}/usage", usage)

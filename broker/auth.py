@@ -22,6 +22,7 @@ class Principal:
     via: str  # "unix" | "tcp"
     consumer: str | None = None  # fixed by a consumer token; None = the caller may name one
     token_id: str | None = None
+    daily_tokens: int | None = None  # the token's budget; the owner has none
 
 
 def presented_token(headers: Mapping[str, str], places: Iterable[str]) -> str | None:
@@ -45,6 +46,7 @@ class ConsumerToken:
     consumer: str
     expires_at: float | None
     revoked: bool
+    daily_tokens: int | None = None
 
 
 class Authenticator:
@@ -90,7 +92,7 @@ class Authenticator:
             raise Unauthorized("this consumer token was revoked", token_id=known.token_id)
         if known.expires_at is not None and self._clock() >= known.expires_at:
             raise Unauthorized("this consumer token has expired", token_id=known.token_id)
-        return Principal("consumer", via, known.consumer, known.token_id)
+        return Principal("consumer", via, known.consumer, known.token_id, known.daily_tokens)
 
 
 class FailureThrottle:

@@ -10,9 +10,9 @@ import argparse
 import getpass
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from broker.config import Home
@@ -21,8 +21,6 @@ from broker.errors import BrokerError, UsageError
 EXIT_CODES = """\
 exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
             5 unlock or decrypt failure, 6 broker not running"""
-
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _service(args: argparse.Namespace) -> Any:
@@ -56,6 +54,17 @@ def _read_value(args: argparse.Namespace, prompt: str) -> str:
     if not sys.stdin.isatty():
         raise UsageError("no terminal to prompt on; pipe the value in with --stdin")
     return getpass.getpass(prompt)
+
+
+def _read_text(path: str) -> str:
+    """An input file named on the command line, exactly as written (CRLF stays CRLF)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -139,24 +148,25 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from broker.store import parse_ref
+    from broker.envfile import env_uses, parse_env_file, parse_env_flag
+    from broker.template import render
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("nothing to run: secret-broker exec --env VAR=@ref -- CMD ARGS")
-    wanted: dict[str, str] = {}
-    for item in args.env:
-        name, sep, ref = item.partition("=")
-        if not sep or not ENV_NAME_RE.fullmatch(name) or not ref.startswith("@"):
-            raise UsageError(f"--env {item!r}: write it as VAR=@ref")
-        wanted[name] = parse_ref(ref)
+    if args.profile is not None and (args.env or args.env_file):
+        raise UsageError("--profile brings its own environment; use it without --env/--env-file")
+    templates = parse_env_file(_read_text(args.env_file), args.env_file) if args.env_file else {}
+    templates.update(parse_env_flag(item) for item in args.env)  # flags win over the file
     svc = _service(args)
-    values = {name: svc.value(ref) for name, ref in wanted.items()}
-    for name, ref in wanted.items():
-        svc.record("secret.exec", secret_ref=ref, env=name, outcome="allowed")
-        svc.touch(ref)
+    consumer = None
+    if args.profile is not None:
+        profile = svc.authorized_profile(args.profile)
+        templates, consumer = profile.templates(), profile.consumer
+    uses = env_uses(templates)
+    values = svc.resolve_for(uses, "secret.exec", consumer, env=uses)
     env = {k: v for k, v in os.environ.items() if k != "SECRET_BROKER_PASSPHRASE"}
-    env.update(values)
+    env.update((name, render(template, values)) for name, template in templates.items())
     try:
         os.execvpe(command[0], command, env)  # noqa: S606 - exec replaces us, by design
     except FileNotFoundError:
@@ -164,6 +174,56 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except PermissionError:
         raise UsageError(f"command not executable: {command[0]}") from None
     return 1  # not reached: exec replaces this process
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from broker.template import TemplateError, find_refs, render
+
+    template = _read_text(args.input)
+    try:
+        refs = find_refs(template)
+    except TemplateError as exc:
+        raise UsageError(f"{args.input}: {exc}") from None
+    write = _inject_target(args)  # refused targets are refused before anything is resolved
+    write(render(template, _service(args).resolve_for(refs, "secret.injected")).encode())
+    return 0
+
+
+def _inject_target(args: argparse.Namespace) -> Callable[[bytes], None]:
+    """Where inject writes: -o FILE (0600, atomic), --out-fd N, or stdout; never a terminal."""
+    from broker.config import write_private
+
+    if args.output is not None:
+        path = Path(args.output)
+        exists = f"{path} exists; nothing was written (pass --force to replace it)"
+        if os.path.lexists(path) and not args.force:
+            raise BrokerError(exists)
+
+        def to_file(data: bytes) -> None:
+            try:
+                write_private(path, data, replace=args.force)
+            except FileExistsError:
+                raise BrokerError(exists) from None  # it appeared since it was checked
+            except OSError as exc:
+                raise BrokerError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+        return to_file
+    fd, where = (sys.stdout.fileno(), "stdout") if args.out_fd is None else (
+        args.out_fd, f"--out-fd {args.out_fd}")
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise UsageError(f"{where} is not an open file descriptor") from None
+    if os.isatty(fd):
+        raise UsageError(f"{where} is a terminal, and secret values are not shown on one; "
+                         "use -o FILE, --out-fd N or a pipe")
+
+    def to_fd(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return to_fd
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -203,8 +263,10 @@ def cmd_grants_check(args: argparse.Namespace) -> int:
     if not path.exists():
         raise BrokerError(f"{path} does not exist (a missing grants file denies everything)")
     rows = grants_as_rows(load_grants(path))
+    profiles = _profiles_beside(path)
     if args.json:
-        _print_json({"file": str(path), "valid": True, "grants": rows})
+        _print_json({"file": str(path), "valid": True, "grants": rows}
+                    | ({} if profiles is None else {"profiles": profiles}))
         return 0
     print(f"{path}: valid, {len(rows)} grant(s)")
     if rows:
@@ -213,7 +275,19 @@ def cmd_grants_check(args: argparse.Namespace) -> int:
                        ",".join(r["allowed_hosts"]), r["ttl_secs"]]  # type: ignore[arg-type]
                       for r in rows],
                      ("#", "LINE", "SECRET", "CONSUMER", "PURPOSES", "DELIVERY", "HOSTS", "TTL"))
+    if profiles is not None:
+        print(f"{profiles['file']}: valid, {profiles['count']} profile(s)")
     return 0
+
+
+def _profiles_beside(grants_file: Path) -> dict[str, object] | None:
+    """The home's profiles.toml beside the grants file, validated; None when there is none."""
+    from broker.profiles import load_profiles
+
+    path = grants_file.with_name("profiles.toml")
+    if not path.exists():
+        return None
+    return {"file": str(path), "valid": True, "count": len(load_profiles(path))}
 
 
 def cmd_grants_explain(args: argparse.Namespace) -> int:
@@ -227,6 +301,19 @@ def cmd_grants_explain(args: argparse.Namespace) -> int:
     else:
         print(f"{doc['decision']}: {doc['reason']}")
     return 0 if doc["decision"] == "allow" else 4
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    rows = _service(args).usage(since=args.since, by=args.by)
+    if args.json:
+        _print_json([r.as_json() for r in rows])
+        return 0
+    dims = [d for d in ("consumer", "provider", "model", "route", "day")
+            if any(getattr(r, d) is not None for r in rows)] or ["consumer"]
+    _print_table([[getattr(r, d) for d in dims] + [r.requests, r.errors, r.input_tokens,
+                                                   r.output_tokens] for r in rows],
+                 [d.upper() for d in dims] + ["REQUESTS", "ERRORS", "IN TOKENS", "OUT TOKENS"])
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -267,7 +354,8 @@ def _token_rows(tokens: Sequence[Any]) -> list[list[object]]:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    meta, token = _service(args).create_token(args.consumer, args.ttl, args.description)
+    meta, token = _service(args).create_token(args.consumer, args.ttl, args.description,
+                                              args.daily_tokens)
     if args.json:
         _print_json({**meta.as_json(), "token": token})
     else:
@@ -338,7 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("exec", cmd_exec, "run a command with secrets in its environment only")
     sp.add_argument("--env", action="append", default=[], metavar="VAR=@ref")
+    sp.add_argument("--env-file", metavar="FILE",
+                    help="VAR=@ref, VAR=${{ secrets.NAME }} or VAR=value lines; --env wins")
+    sp.add_argument("--profile", metavar="NAME",
+                    help="[profiles.NAME] of profiles.toml; its consumer needs env grants")
     sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    sp = command("inject", cmd_inject,
+                 "render ${{ secrets.NAME }} and {{ @ref }} in a template to a file, fd or pipe")
+    sp.add_argument("-i", "--input", required=True, metavar="TEMPLATE")
+    target = sp.add_mutually_exclusive_group()
+    target.add_argument("-o", "--output", metavar="FILE",
+                        help="created 0600 via a temp file; an existing file needs --force")
+    target.add_argument("--out-fd", type=int, metavar="N", help="write to this open descriptor")
+    sp.add_argument("--force", action="store_true", help="replace an existing -o FILE")
 
     sp = command("audit", cmd_audit, "show the audit trail; `audit verify` checks its chain")
     sp.add_argument("ref", nargs="?", help="@ref to filter by, or `verify`")
@@ -359,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--purpose")
     sp.add_argument("--delivery", required=True)
     sp.add_argument("--host")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("usage", cmd_usage, "requests and tokens per consumer, provider, model, day")
+    sp.add_argument("--since", help="a day (2026-01-31) or a duration ago (7d)")
+    sp.add_argument("--by", help="group by some of: consumer,provider,model,route,day")
     sp.add_argument("--json", action="store_true")
 
     sp = command("serve", cmd_serve, "run the broker in the foreground")
@@ -385,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--consumer", required=True)
     sp.add_argument("--ttl", help="lifetime: 90s, 30m, 12h, 7d (default: until revoked)")
     sp.add_argument("--description")
+    sp.add_argument("--daily-tokens", type=int, metavar="N",
+                    help="daily budget of input + output tokens (429 past it)")
     sp.add_argument("--json", action="store_true")
     sp = command("list", cmd_token_list, "list consumer tokens (never their values)", token)
     sp.add_argument("--json", action="store_true")

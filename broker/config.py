@@ -44,6 +44,10 @@ class Home:
         return self.root / "secrets.grants.toml"
 
     @property
+    def profiles(self) -> Path:
+        return self.root / "profiles.toml"
+
+    @property
     def token(self) -> Path:
         return self.root / "broker.token"
 
@@ -101,8 +105,12 @@ def check_private(path: Path) -> None:
         )
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create or replace a file atomically with mode 0600 (temp, fsync, rename, dir fsync)."""
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Create or replace a file atomically with mode 0600 (temp, fsync, rename, dir fsync).
+
+    With replace=False an existing file is kept and FileExistsError raised, even one that
+    appeared after the caller looked: the temp file is linked into place, never renamed.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
@@ -110,7 +118,13 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    if replace:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
     fsync_dir(path.parent)
 
 
@@ -126,12 +140,6 @@ def fsync_dir(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class ProviderSettings:
-    base_url: str | None = None
-    secret_ref: str | None = None
-
-
-@dataclass(frozen=True)
 class Config:
     backend: str = "keychain"
     listen: str = DEFAULT_LISTEN
@@ -140,7 +148,8 @@ class Config:
     connect_timeout_secs: float = 10
     read_timeout_secs: float = 300
     audit_fsync: str = "batch"
-    providers: dict[str, ProviderSettings] = field(default_factory=dict)
+    rotate_after_days: int = 90  # `check` warns about secrets older than this
+    providers: dict[str, Any] = field(default_factory=dict)  # raw tables; see providers.py
 
 
 # section -> key -> (accepted types, Config field name); one table owns the schema.
@@ -156,9 +165,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "read_timeout_secs": ((int, float), "read_timeout_secs"),
     },
     "audit": {"fsync": ((str,), "audit_fsync")},
+    "check": {"rotate_after_days": ((int,), "rotate_after_days")},
 }
 _CHOICES = {"backend": ("keychain", "file-vault"), "audit_fsync": ("always", "batch")}
-_PROVIDER_KEYS = ("base_url", "secret_ref")
 
 
 def parse_config(text: str, source: str = "config.toml") -> Config:
@@ -168,7 +177,7 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     values: dict[str, Any] = {}
-    providers: dict[str, ProviderSettings] = {}
+    providers: dict[str, Any] = {}
     for section, body in doc.items():
         if section == "providers":
             providers = _parse_providers(body, source)
@@ -195,20 +204,13 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
     return Config(**values, providers=providers)
 
 
-def _parse_providers(body: Any, source: str) -> dict[str, ProviderSettings]:
+def _parse_providers(body: Any, source: str) -> dict[str, Any]:
+    from broker.providers import build_providers  # the provider table owns that schema
+
     if not isinstance(body, dict):
         raise ConfigError(f"{source}: [providers] must hold tables like [providers.openai]")
-    out: dict[str, ProviderSettings] = {}
-    for name, table in body.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [providers.{name}] must be a table")
-        for key, value in table.items():
-            if key not in _PROVIDER_KEYS:
-                raise ConfigError(f"{source}: unknown key '{key}' in [providers.{name}]")
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{source}: [providers.{name}] {key} must be a non-empty string")
-        out[name] = ProviderSettings(table.get("base_url"), table.get("secret_ref"))
-    return out
+    build_providers(body)  # validate now, naming the key, rather than at first use
+    return body
 
 
 def load_config(home: Home) -> Config:

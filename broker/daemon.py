@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hmac
 import ipaddress
 import os
 import signal
@@ -37,6 +36,7 @@ from broker.config import Config, Home, check_private, load_config
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
+    BudgetExceeded,
     Forbidden,
     NotFound,
     RouteNotFound,
@@ -47,9 +47,11 @@ from broker.errors import (
     UsageError,
 )
 from broker.leases import Access
+from broker.metadata import Metadata
 from broker.providers import Provider, build_providers, error_body
 from broker.service import CONSUMER_RE, Service
 from broker.store import parse_ref
+from broker.usage import Budgets, Reservation, UsageBook
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows
 
@@ -79,6 +81,9 @@ class BrokerState:
         self._used: set[str] = set()
         self._ended_tokens: set[str] = set()
         self.tokens_used: set[str] = set()
+        self.usage = UsageBook()
+        self.budgets = Budgets()
+        self.budgets.used = service.metadata.token_spend(today())
         self.audit_broken = False
         self.upstream: Any = None  # the pooled aiohttp ClientSession, made in proxy.start()
 
@@ -126,7 +131,7 @@ class BrokerState:
         self._secrets = fresh
         self.auth.consumer_tokens = {
             t.hash: ConsumerToken(t.id, t.consumer, parse_rfc3339(t.expires_at),
-                                  t.revoked_at is not None)
+                                  t.revoked_at is not None, t.daily_tokens)
             for t in self.service.metadata.tokens()}
         self.end_leases_of_dead_tokens()
 
@@ -152,16 +157,9 @@ class BrokerState:
         if cached is not None and cached[0] == version:
             return cached[1]
         try:
-            value = self.service.store.get(ref)
-            recorded = self.service.metadata.get(ref).fingerprint
+            value = self.service.value(ref)  # refuses a value its metadata does not record
         except (SecretNotFound, UnlockFailed) as exc:
             raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
-        # Only the value the metadata records is used: a vault file rolled back to a retired
-        # value (it still decrypts) or an entry changed behind the broker's back is refused.
-        if not hmac.compare_digest(self.service.fingerprint(value), recorded):
-            raise SecretUnavailable(
-                f"the stored value of @{ref} is not the one its metadata records (restored from "
-                f"an old copy, or changed outside secret-broker); rotate @{ref} to fix it")
         self._values[ref] = (version, value)
         self._used.add(ref)
         return value
@@ -182,6 +180,25 @@ class BrokerState:
             f"several secrets for provider {provider.name} ({', '.join(sorted(refs))}): set "
             f"[providers.{provider.name}] secret_ref in config.toml or send X-Broker-Secret-Ref")
 
+    def reserve_budget(self, principal: Principal, estimate: int) -> Reservation | None:
+        """Hold `estimate` tokens of a consumer token's daily budget, or 429."""
+        if principal.daily_tokens is None or principal.token_id is None:
+            return None
+        reservation = self.budgets.reserve(principal.token_id, today(), principal.daily_tokens,
+                                           estimate)
+        if reservation is None:
+            raise BudgetExceeded(
+                f"consumer {principal.consumer!r} has used its daily budget of "
+                f"{principal.daily_tokens} tokens (token {principal.token_id}); it resets at "
+                "00:00 UTC, or the owner can issue a token with a larger --daily-tokens")
+        return reservation
+
+    def flush_usage(self, metadata: Metadata) -> None:
+        """Fold usage into metadata.db; runs in a thread with its own connection."""
+        rows, spent = self.usage.drain(), self.budgets.drain()
+        if rows or spent:
+            metadata.add_usage(rows, spent)
+
     def flush_last_used(self) -> None:
         used, self._used = self._used, set()
         for ref in used:
@@ -192,6 +209,10 @@ class BrokerState:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def via(request: web.Request) -> str:
@@ -474,6 +495,7 @@ def create_app(state: BrokerState) -> web.Application:
     app.router.add_delete("/v1/leases/{lease_id}", revoke_lease)
     app.router.add_get("/v1/grants", my_grants)
     app.router.add_post("/v1/explain", my_explain)
+    app.router.add_get("/v1/usage", admin.usage)
     app.router.add_route("*", "/proxy/{tail:.*}", proxy.handle)
     admin.add_routes(app, "/v1/admin")
     app.on_startup.append(proxy.start)
@@ -594,7 +616,10 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
     state.record("broker.started", pid=os.getpid(), backend=state.service.backend)
     log.info("broker.started", listen=state.listen, socket=str(state.service.home.socket),
              pid=os.getpid(), version=__version__)
+    usage_db = Metadata(state.service.home.metadata)  # the flush thread's own connection
     background = [asyncio.create_task(_every(0.1, lambda: _flush_audit(state))),
+                  asyncio.create_task(_every(1.0, lambda: _in_thread(state.flush_usage,
+                                                                     usage_db))),
                   asyncio.create_task(_every(1.0, lambda: _housekeeping(state)))]
     await stop.wait()
     log.info("broker.stopping")
@@ -602,6 +627,7 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
     for task in background:
         task.cancel()
     state.flush_last_used()
+    state.flush_usage(usage_db)
     with contextlib.suppress(BrokerError):
         state.record("broker.stopped", pid=os.getpid())
     state.service.audit_log.close()
@@ -618,8 +644,12 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
             log.error("background.failed", error=type(exc).__name__, detail=str(exc)[:200])
 
 
+async def _in_thread(job: Callable[..., None], *args: Any) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, job, *args)
+
+
 async def _flush_audit(state: BrokerState) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, state.service.audit_log.flush)
+    await _in_thread(state.service.audit_log.flush)
 
 
 async def _housekeeping(state: BrokerState) -> None:

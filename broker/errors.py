@@ -115,6 +115,12 @@ class Forbidden(BrokerError):
     exit_code = 4
 
 
+class BudgetExceeded(BrokerError):
+    code = "budget_exceeded"
+    status = 429
+    exit_code = 4
+
+
 class RouteNotFound(BrokerError):
     code = "route_not_found"
     status = 404

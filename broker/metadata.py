@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker.errors import SecretExists, SecretNotFound
+from broker.usage import UsageRow
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (
@@ -33,7 +34,36 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_at TEXT,
     daily_tokens INTEGER
 );
+CREATE TABLE IF NOT EXISTS usage (
+    consumer TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,  -- '' when the request named none
+    route TEXT NOT NULL,
+    day TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cached_tokens INTEGER,
+    reasoning_tokens INTEGER,
+    PRIMARY KEY (consumer, provider, model, route, day)
+);
+CREATE TABLE IF NOT EXISTS token_usage (
+    token_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (token_id, day)
+);
 """
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
+# NULL means "unknown": adding a known count to it starts from zero, adding NULL keeps it.
+_UPSERT_USAGE = (
+    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608 - constant names
+    "ON CONFLICT (consumer, provider, model, route, day) DO UPDATE SET "
+    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+    + ", ".join(f"{f} = CASE WHEN excluded.{f} IS NULL THEN {f} "
+                f"ELSE coalesce({f}, 0) + excluded.{f} END" for f in _TOKEN_FIELDS)
+)
 
 
 @dataclass(frozen=True)
@@ -117,10 +147,11 @@ class Metadata:
                 f"@{ref} already exists; use `secret-broker rotate @{ref}` to replace its value"
             )
 
-    def insert(self, meta: SecretMeta) -> None:
+    def insert(self, meta: SecretMeta, *, replace: bool = False) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
         try:
             self._db.execute(
-                "INSERT INTO secrets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"{verb} INTO secrets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant
                 (meta.ref, meta.provider, meta.kind, meta.backend, meta.fingerprint,
                  meta.version, meta.created_at, meta.rotated_at, meta.last_used_at),
             )
@@ -181,3 +212,31 @@ class Metadata:
 
     def touch_token(self, token_id: str, when: str) -> None:
         self._db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (when, token_id))
+
+    # --- usage --------------------------------------------------------------------------
+
+    def add_usage(self, rows: list[UsageRow], spent: dict[tuple[str, str], int]) -> None:
+        """Fold the daemon's in-memory rows (and per-token spend) into the tables."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(_UPSERT_USAGE, [
+                (r.consumer, r.provider, r.model or "", r.route, r.day, r.requests, r.errors,
+                 r.input_tokens, r.output_tokens, r.cached_tokens, r.reasoning_tokens)
+                for r in rows])
+            self._db.executemany(
+                "INSERT INTO token_usage VALUES (?, ?, ?) ON CONFLICT (token_id, day) "
+                "DO UPDATE SET tokens = tokens + excluded.tokens",
+                [(token_id, day, tokens) for (token_id, day), tokens in spent.items()])
+
+    def usage(self, since_day: str | None = None, consumer: str | None = None) -> list[UsageRow]:
+        query, args = "SELECT * FROM usage WHERE day >= ?", [since_day or ""]
+        if consumer is not None:
+            query += " AND consumer = ?"
+            args.append(consumer)
+        return [UsageRow(c, p, m or None, r, d, n, e, i, o, ca, re)
+                for c, p, m, r, d, n, e, i, o, ca, re in self._db.execute(query, args)]
+
+    def token_spend(self, day: str) -> dict[tuple[str, str], int]:
+        rows = self._db.execute("SELECT token_id, day, tokens FROM token_usage WHERE day = ?",
+                                (day,))
+        return {(token_id, d): tokens for token_id, d, tokens in rows}

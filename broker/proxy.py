@@ -9,10 +9,11 @@ chunk as it arrives, undecoded; redirects are never followed while a key is atta
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 import aiohttp
 import structlog
@@ -21,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker import routes
-from broker.daemon import STATE, BrokerState, consumer_of
+from broker.daemon import STATE, BrokerState, consumer_of, today
 from broker.errors import (
     BodyTooLarge,
     BrokerError,
@@ -31,8 +32,9 @@ from broker.errors import (
     UpstreamUnreachable,
     UsageError,
 )
-from broker.providers import Provider, usage_from_body
+from broker.providers import Provider
 from broker.store import parse_ref
+from broker.usage import Reservation, Usage, UsageTap, estimate_tokens, request_model
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.proxy")
@@ -49,7 +51,7 @@ CALLER_CREDENTIALS = frozenset({
 })
 REQUEST_DROP = HOP_BY_HOP | CALLER_CREDENTIALS | {"host", "content-length", "origin", "referer"}
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "server", "date", "alt-svc"}
-USAGE_TAP_LIMIT = 1 << 20  # non-streamed JSON answers up to 1 MiB are scanned for usage
+Exchange = dict[str, Any]  # what the audit records of one proxied request
 
 
 async def start(app: web.Application) -> None:
@@ -84,7 +86,10 @@ def upstream_headers(incoming: Any, provider: Provider, key: str) -> CIMultiDict
                 or lowered.startswith("x-broker-")):
             continue
         out.add(name, value)
-    out[provider.auth_header] = provider.auth_format.format(key=key)
+    for name, value in provider.add_headers:  # e.g. anthropic-version, unless the caller set it
+        if name not in out:
+            out[name] = value
+    out[provider.auth_header] = provider.auth_format.replace("{key}", key)
     return out
 
 
@@ -127,42 +132,82 @@ async def handle(request: web.Request) -> web.StreamResponse:
     request["route"] = f"/proxy/{provider.name}/{m.route.path}"
     consumer = request["consumer"] = consumer_of(request)
     state.check_audit()
-    ref = _secret_ref(request, state, provider)
-    try:
-        version = state.secret_version(ref)
-    except SecretNotFound as exc:
-        raise SecretUnavailable(exc.message) from None
-    lease = state.access.acquire(
-        AccessRequest(consumer, ref, m.route.purpose, "http_header_inject", provider.host),
-        version, provider=provider.name, route=m.route.path)
-    request["lease_id"] = lease.lease_id
-    key = state.value(ref, version)
-    if any(c in key for c in "\r\n\x00"):
-        raise SecretUnavailable(f"@{ref} holds a line break or NUL and cannot be sent in a header")
-    body = await _read_body(request, state.config.max_body_bytes)
-    url = URL(provider.upstream_url(m.path, strip_key_param(m.query)), encoded=True)
     started = time.perf_counter()
-    fields: dict[str, Any] = {"status": None, "bytes_out": 0, "outcome": "ok"}
+    ex: Exchange = {"status": None, "bytes_out": 0, "outcome": "ok", "secret_ref": None,
+                    "lease_id": None, "model": m.params.get("model")}
+    tap: UsageTap | None = None
+    reservation: Reservation | None = None
     try:
-        return await _forward(request, state, url, upstream_headers(request.headers, provider, key),
-                              body, fields)
+        body = await _read_body(request, state.config.max_body_bytes)
+        doc = _json(request, body)
+        ex["model"] = request_model(m.params, doc)
+        ref = ex["secret_ref"] = _secret_ref(request, state, provider)
+        try:
+            version = state.secret_version(ref)
+        except SecretNotFound as exc:
+            raise SecretUnavailable(exc.message) from None
+        lease = state.access.acquire(
+            AccessRequest(consumer, ref, m.route.purpose, "http_header_inject", provider.host),
+            version, provider=provider.name, route=m.route.path)
+        request["lease_id"] = ex["lease_id"] = lease.lease_id
+        key = state.value(ref, version)
+        if any(c in key for c in "\r\n\x00"):
+            raise SecretUnavailable(f"@{ref} holds a line break or NUL and cannot be sent in a "
+                                    "header")
+        if provider.base_url is None:
+            raise SecretUnavailable(f"provider {provider.name} has no base_url: set one in "
+                                    f"config.toml [providers.{provider.name}]")
+        query = with_route_query(strip_key_param(m.query), m.route.query)
+        url = URL(provider.upstream_url(m.path, query), encoded=True)
+        fmt = provider.usage_format(m.route)
+        estimate = estimate_tokens(body, doc)
+        reservation = state.reserve_budget(request["principal"], estimate)
+        response, tap = await _forward(request, state, url,
+                                       upstream_headers(request.headers, provider, key),
+                                       body, ex, None if fmt == "none" else fmt)
+        if tap is not None:
+            tap.finish()
+        return response
     except asyncio.CancelledError:
-        fields["outcome"] = "client_disconnected"
+        ex["outcome"] = "client_disconnected"
         raise
     except BrokerError as exc:
-        fields["status"], fields["outcome"] = exc.status, exc.code
+        ex["status"], ex["outcome"] = exc.status, exc.code
         raise
     finally:
+        usage = tap.usage if tap is not None else Usage()
+        failed = ex["outcome"] != "ok" or (ex["status"] or 0) >= 400
+        if reservation is not None:  # unknown usage from a reached upstream costs the estimate
+            state.budgets.settle(reservation, usage.total if usage.known
+                                 else (reservation.estimate if ex["status"] else 0))
+        state.usage.record(consumer, provider.name, ex["model"], m.route.path, today(), usage,
+                           failed)
         state.record_safely(
-            "proxy.request", consumer=consumer, secret_ref=ref, purpose=m.route.purpose,
-            provider=provider.name, route=m.route.path, lease_id=lease.lease_id,
-            model=m.params.get("model"),
-            duration_ms=round((time.perf_counter() - started) * 1000, 2), **fields)
+            "proxy.request", consumer=consumer, purpose=m.route.purpose, provider=provider.name,
+            route=m.route.path, duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, **ex)
+
+
+def _json(request: web.Request, body: bytes) -> Any:
+    """The request's JSON body, for its model and token limits (None if it has none)."""
+    if "json" not in request.headers.get("Content-Type", "") or not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def with_route_query(query: str, fixed: tuple[tuple[str, str], ...]) -> str:
+    """Add a route's fixed query parameters (Azure's api-version) only where absent."""
+    present = {unquote_plus(p.split("=", 1)[0]) for p in query.split("&") if p}
+    extra = [f"{quote(k)}={quote(v)}" for k, v in fixed if k not in present]
+    return "&".join(([query] if query else []) + extra)
 
 
 async def _forward(request: web.Request, state: BrokerState, url: URL,
-                   headers: CIMultiDict[str], body: bytes, fields: dict[str, Any]
-                   ) -> web.StreamResponse:
+                   headers: CIMultiDict[str], body: bytes, ex: Exchange, usage_format: str | None
+                   ) -> tuple[web.StreamResponse, UsageTap | None]:
     try:
         upstream = await state.upstream.request(request.method, url, headers=headers, data=body,
                                                 allow_redirects=False)
@@ -176,37 +221,27 @@ async def _forward(request: web.Request, state: BrokerState, url: URL,
             raise UpstreamUnreachable(
                 f"the upstream answered {upstream.status} (a redirect); the broker never "
                 "follows one with a key attached", code="upstream_redirect")
-        fields["status"] = upstream.status
+        ex["status"] = upstream.status
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in RESPONSE_DROP:
                 response.headers.add(name, value)
-        tap = _usage_tap(upstream)
+        tap = None if usage_format is None else UsageTap(
+            usage_format, upstream.headers.get("Content-Type", ""),
+            upstream.headers.get("Content-Encoding"))
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-                fields["bytes_out"] += len(chunk)
+                ex["bytes_out"] += len(chunk)
                 if tap is not None:
-                    tap.append(chunk)
+                    tap.feed(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is a cut connection.
-            fields["outcome"] = "upstream_reset" if not isinstance(exc, TimeoutError) \
-                else "upstream_timeout"
+            ex["outcome"] = "upstream_timeout" if isinstance(exc, TimeoutError) \
+                else "upstream_reset"
             if request.transport is not None:
                 request.transport.close()
-            return response
+            return response, tap
         await response.write_eof()
-    if tap is not None and fields["bytes_out"] <= USAGE_TAP_LIMIT:
-        fields["input_tokens"], fields["output_tokens"] = usage_from_body(b"".join(tap))
-    return response
-
-
-def _usage_tap(upstream: aiohttp.ClientResponse) -> list[bytes] | None:
-    """A copy of small, uncompressed JSON answers, for the token counts in the audit."""
-    content_type = upstream.headers.get("Content-Type", "")
-    if "json" not in content_type or upstream.headers.get("Content-Encoding"):
-        return None
-    if (upstream.content_length or 0) > USAGE_TAP_LIMIT:
-        return None
-    return []
+    return response, tap

@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,9 +31,20 @@ from broker.config import (
     render_config,
     write_private,
 )
-from broker.errors import BrokerError, NotFound, UsageError
+from broker.errors import (
+    BrokerError,
+    NotFound,
+    SecretExists,
+    SecretNotFound,
+    UnlockFailed,
+    UsageError,
+)
+from broker.export import ExportedSecret
 from broker.metadata import Metadata, SecretMeta, TokenMeta
+from broker.profiles import Profile, denied, env_denials, find_profile, load_profiles
 from broker.store import KINDS, SecretStore, choose_backend, open_store, parse_ref
+from broker.usage import DIMENSIONS, UsageRow, group
+from grants import load_grants
 
 INSTANCE_KEY = "!instance-key"
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
@@ -172,11 +183,7 @@ class Service:
 
     def add(self, ref: str, provider: str, kind: str, value: str) -> SecretMeta:
         ref = parse_ref(ref)
-        if not PROVIDER_RE.fullmatch(provider):
-            raise UsageError(f"invalid provider {provider!r}: use lower-case letters, digits, - _")
-        if kind not in KINDS:
-            raise UsageError(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}")
-        _check_value(value)
+        _check_secret(provider, kind, value)
         with self._writing():
             self.metadata.require_absent(ref)
             now = audit.rfc3339()
@@ -215,13 +222,96 @@ class Service:
         return self.metadata.get(parse_ref(ref))
 
     def value(self, ref: str) -> str:
-        """The value of a known ref, for exec and the daemon (callers audit the use)."""
+        """The value of a known ref, for exec and the daemon (callers audit the use).
+
+        Only the value the metadata records (its keyed fingerprint) is handed out: a vault
+        file restored from an old copy still decrypts, but it holds a retired value."""
         ref = parse_ref(ref)
-        self.metadata.get(ref)  # a ref without metadata is "not found", whatever the store has
-        return self.store.get(ref)
+        meta = self.metadata.get(ref)  # no metadata is "not found", whatever the store has
+        value = self.store.get(ref)
+        if not hmac.compare_digest(self.fingerprint(value), meta.fingerprint):
+            raise UnlockFailed(f"the stored value of @{ref} is not the one its metadata records "
+                               "(restored from an old copy, or changed outside secret-broker); "
+                               f"rotate @{ref} to fix it")
+        return value
 
     def touch(self, ref: str) -> None:
         self.metadata.touch(ref, audit.rfc3339())
+
+    def resolve_for(self, refs: Iterable[str], event: str, consumer: str | None = None,
+                    env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """ref -> value for every ref, or nothing: all missing refs are named at once.
+
+        One `event` per ref is audited (never a value) before any value is handed back;
+        `env` (ref -> variable names) records where exec puts each one.
+        """
+        wanted = list(dict.fromkeys(parse_ref(ref) for ref in refs))
+        missing = [ref for ref in wanted if self.metadata.find(ref) is None]
+        if missing:
+            raise SecretNotFound(f"no secret {', '.join('@' + r for r in missing)}; "
+                                 "see `secret-broker list`")
+        values = {ref: self.value(ref) for ref in wanted}
+        for ref in wanted:
+            self.record(event, secret_ref=ref, consumer=consumer,
+                        env=None if env is None else env[ref], outcome="allowed")
+            self.touch(ref)
+        return values
+
+    def authorized_profile(self, name: str) -> Profile:
+        """A profile whose consumer holds an env grant for each of its refs (SPEC §13).
+
+        Deny by default: each refused ref is audited, then the launch is refused as a
+        whole, naming the grants to add.
+        """
+        profile = find_profile(load_profiles(self.home.profiles), name, self.home.profiles)
+        denials = env_denials(profile, load_grants(self.home.grants))
+        for ref, reason in denials.items():
+            self.record("secret.exec", secret_ref=ref, consumer=profile.consumer,
+                        delivery="env", outcome="denied", reason=reason)
+        if denials:
+            raise denied(profile, denials, self.home.grants)
+        return profile
+
+    # --- moving a home (export / import) ----------------------------------------------------
+
+    def export_secrets(self) -> list[ExportedSecret]:
+        """Every secret with its value; all are read, then each is audited `secret.exported`."""
+        exported = [ExportedSecret(m.ref, m.provider, m.kind, m.version, m.created_at,
+                                   m.rotated_at, self.value(m.ref)) for m in self.metadata.all()]
+        for s in exported:
+            self.record("secret.exported", secret_ref=s.ref, version=s.version)
+        return exported
+
+    def import_secrets(self, entries: Sequence[ExportedSecret], *,
+                       replace: bool) -> list[SecretMeta]:
+        """Store each secret in this home's backend, audited `secret.imported`.
+
+        Refs that exist are refused, all named and nothing imported, unless `replace`; a
+        replaced ref's version moves past its old one, so the daemon drops the old value
+        and the leases that carry it.
+        """
+        for s in entries:
+            _check_secret(s.provider, s.kind, s.value)
+        with self._writing():
+            old = {s.ref: self.metadata.find(s.ref) for s in entries}
+            taken = [f"@{ref}" for ref, meta in old.items() if meta is not None]
+            if taken and not replace:
+                raise SecretExists(f"{', '.join(taken)} already exist(s) here; nothing was "
+                                   "imported (pass --replace to overwrite them)")
+            imported = []
+            for s in entries:
+                before = old[s.ref]
+                version = s.version if before is None else max(s.version, before.version + 1)
+                meta = SecretMeta(s.ref, s.provider, s.kind, self.store.name,
+                                  self.fingerprint(s.value), version, s.created_at,
+                                  s.rotated_at, None)
+                self.record("secret.imported", secret_ref=s.ref, provider=s.provider,
+                            kind=s.kind, backend=self.store.name, version=version,
+                            outcome="added" if before is None else "replaced")
+                self.store.put(s.ref, s.value, version)
+                self.metadata.insert(meta, replace=True)
+                imported.append(meta)
+        return imported
 
     # --- the bootstrap token ---------------------------------------------------------------
 
@@ -241,7 +331,8 @@ class Service:
     # --- consumer tokens ------------------------------------------------------------------
 
     def create_token(self, consumer: str, ttl: str | None = None,
-                     description: str | None = None) -> tuple[TokenMeta, str]:
+                     description: str | None = None,
+                     daily_tokens: int | None = None) -> tuple[TokenMeta, str]:
         """A new `sbc_` token for `consumer`; the value is returned once and never stored."""
         if not CONSUMER_RE.fullmatch(consumer):
             raise UsageError(f"invalid consumer {consumer!r}: use 1-128 of A-Z a-z 0-9 _ . -")
@@ -253,9 +344,11 @@ class Service:
             expires_at = audit.rfc3339(time.time() + seconds)
         if description is not None and (len(description) > 500 or "\n" in description):
             raise UsageError("the description must be one line of at most 500 characters")
+        if daily_tokens is not None and (isinstance(daily_tokens, bool) or daily_tokens < 1):
+            raise UsageError("--daily-tokens must be a positive whole number")
         token = new_token(CONSUMER_TOKEN_PREFIX)
         meta = TokenMeta("tok_" + secrets.token_hex(8), token_hash(token), consumer,
-                         description, audit.rfc3339(), expires_at, None, None, None)
+                         description, audit.rfc3339(), expires_at, None, None, daily_tokens)
         self.record("token.created", token_id=meta.id, consumer=consumer)
         self.metadata.insert_token(meta)
         return meta, token
@@ -295,6 +388,19 @@ class Service:
         return audit.verify(audit.read_lines(self.home.audit), self.derived_key("audit-log"),
                             self.metadata.checkpoint())
 
+    def usage(self, *, since: str | None = None, by: str | None = None,
+              consumer: str | None = None) -> list[UsageRow]:
+        """Usage rows since a day (or a duration ago), added up over the `by` dimensions."""
+        dims = tuple(d.strip() for d in by.split(",")) if by else DIMENSIONS
+        unknown = [d for d in dims if d not in DIMENSIONS]
+        if unknown:
+            raise UsageError(f"cannot group usage by {', '.join(unknown)}: use "
+                             f"{', '.join(DIMENSIONS)}")
+        day = None
+        if since:
+            day = time.strftime("%Y-%m-%d", time.gmtime(audit.parse_since(since)))
+        return group(self.metadata.usage(day, consumer), dims)
+
     def as_actor(self, actor: str) -> Service:
         """The same opened home (store, audit writer, DB) recording as another actor."""
         for name in ("config", "metadata", "store", "audit_log"):
@@ -306,6 +412,14 @@ class Service:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _check_secret(provider: str, kind: str, value: str) -> None:
+    if not PROVIDER_RE.fullmatch(provider):
+        raise UsageError(f"invalid provider {provider!r}: use lower-case letters, digits, - _")
+    if kind not in KINDS:
+        raise UsageError(f"invalid kind {kind!r}: use one of {', '.join(KINDS)}")
+    _check_value(value)
 
 
 def _check_value(value: str) -> None:

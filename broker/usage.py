@@ -1,0 +1,261 @@
+"""Usage accounting and budgets, as plain objects (no sockets, no database).
+
+`UsageTap` reads a copy of a response as it streams to the caller (SSE events, or one
+JSON body; gzip decoded on its own copy) and picks the provider's own usage fields.
+`UsageBook` adds requests up per (consumer, provider, model, route, day) in memory until
+the daemon flushes them. `Budgets` reserves an estimate before a request is forwarded and
+settles it with the real count afterwards, so concurrent requests overshoot a daily limit
+by at most one request.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
+DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
+DIMENSIONS = ("consumer", "provider", "model", "route", "day")
+
+
+@dataclass
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.input_tokens is not None or self.output_tokens is not None
+
+    @property
+    def total(self) -> int:
+        return (self.input_tokens or 0) + (self.output_tokens or 0)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dig(doc: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def apply(fmt: str, doc: Any, usage: Usage) -> None:
+    """Update `usage` from one JSON document (a body or an SSE event) in format `fmt`."""
+    if not isinstance(doc, dict):
+        return
+    if fmt == "gemini":
+        meta = doc.get("usageMetadata")
+        if isinstance(meta, dict):  # each chunk repeats the running totals: keep the last
+            usage.input_tokens = _int(meta.get("promptTokenCount"))
+            usage.output_tokens = _int(meta.get("candidatesTokenCount")) or 0
+            usage.cached_tokens = _int(meta.get("cachedContentTokenCount"))
+            usage.reasoning_tokens = _int(meta.get("thoughtsTokenCount"))
+    elif fmt == "anthropic":
+        u = _dig(doc, "message", "usage") if doc.get("type") == "message_start" \
+            else doc.get("usage")
+        if isinstance(u, dict):
+            usage.input_tokens = _int(u.get("input_tokens")) or usage.input_tokens
+            usage.output_tokens = _int(u.get("output_tokens"))
+            usage.cached_tokens = _int(u.get("cache_read_input_tokens")) or usage.cached_tokens
+    elif fmt == "openai-responses":
+        u = doc.get("usage") if "usage" in doc else _dig(doc, "response", "usage")
+        if isinstance(u, dict):
+            usage.input_tokens = _int(u.get("input_tokens"))
+            usage.output_tokens = _int(u.get("output_tokens"))
+            usage.cached_tokens = _int(_dig(u, "input_tokens_details", "cached_tokens"))
+            usage.reasoning_tokens = _int(_dig(u, "output_tokens_details", "reasoning_tokens"))
+    elif fmt in ("openai", "total_tokens"):
+        u = doc.get("usage")
+        if not isinstance(u, dict):
+            return
+        if fmt == "total_tokens":
+            usage.input_tokens, usage.output_tokens = _int(u.get("total_tokens")), 0
+            return
+        usage.input_tokens = _int(u.get("prompt_tokens"))
+        usage.output_tokens = _int(u.get("completion_tokens")) or 0
+        usage.cached_tokens = _int(_dig(u, "prompt_tokens_details", "cached_tokens"))
+        usage.reasoning_tokens = _int(_dig(u, "completion_tokens_details", "reasoning_tokens"))
+
+
+class UsageTap:
+    """Fed each chunk as it is forwarded; never holds more than one SSE line or TAP_LIMIT."""
+
+    def __init__(self, fmt: str, content_type: str, content_encoding: str | None) -> None:
+        self._fmt = fmt
+        self._sse = content_type.startswith("text/event-stream")
+        self._usable = content_encoding in (None, "", "identity", "gzip", "deflate")
+        self._inflate = (zlib.decompressobj(zlib.MAX_WBITS | 32)
+                         if content_encoding in ("gzip", "deflate") else None)
+        self._buffer = bytearray()
+        self.usage = Usage()
+
+    def feed(self, chunk: bytes) -> None:
+        if not self._usable:
+            return
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._usable = False
+                return
+        self._buffer += chunk
+        if self._sse:
+            self._events()
+        elif len(self._buffer) > TAP_LIMIT:
+            self._usable = False
+            self._buffer.clear()
+
+    def _events(self) -> None:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > TAP_LIMIT:
+                    self._buffer.clear()
+                return
+            line = bytes(self._buffer[:end]).strip()
+            del self._buffer[: end + 1]
+            if line.startswith(b"data:"):
+                self._parse(line[5:])
+
+    def _parse(self, data: bytes) -> None:
+        if not data.strip() or data.strip() == b"[DONE]":
+            return
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        for item in doc if isinstance(doc, list) else [doc]:  # Gemini streams arrays too
+            apply(self._fmt, item, self.usage)
+
+    def finish(self) -> Usage:
+        if self._usable and not self._sse:
+            self._parse(bytes(self._buffer))
+        elif self._usable:
+            self._events()
+            self._parse(bytes(self._buffer).strip().removeprefix(b"data:"))
+        self._buffer.clear()
+        return self.usage
+
+
+def request_model(params: dict[str, str], body: Any) -> str | None:
+    """The model a request names: Gemini and Azure in the path, others in the JSON body."""
+    model = params.get("model") or params.get("deployment")
+    if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
+        model = body["model"]
+    return model[:200] if model else None
+
+
+def estimate_tokens(raw_body: bytes, body: Any) -> int:
+    """Input (about 4 bytes a token) plus the output the request allows itself."""
+    limit = None
+    if isinstance(body, dict):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            limit = limit or _int(body.get(key))
+        limit = limit or _int(_dig(body, "generationConfig", "maxOutputTokens"))
+    return len(raw_body) // 4 + (limit or DEFAULT_OUTPUT_ESTIMATE)
+
+
+# --- adding up ------------------------------------------------------------------------------
+
+
+@dataclass
+class UsageRow:
+    consumer: str | None
+    provider: str | None
+    model: str | None
+    route: str | None
+    day: str | None
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    def add(self, usage: Usage, *, requests: int = 1, errors: int = 0) -> None:
+        self.requests += requests
+        self.errors += errors
+        for name in ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens"):
+            value = getattr(usage, name)
+            if value is not None:
+                setattr(self, name, (getattr(self, name) or 0) + value)
+
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class UsageBook:
+    """Rows added up in memory between flushes (the request path never touches the DB)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str, str | None, str, str], UsageRow] = {}
+
+    def record(self, consumer: str, provider: str, model: str | None, route: str, day: str,
+               usage: Usage, error: bool) -> None:
+        key = (consumer, provider, model, route, day)
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = UsageRow(*key)
+        row.add(usage, errors=int(error))
+
+    def drain(self) -> list[UsageRow]:
+        rows, self._rows = list(self._rows.values()), {}
+        return rows
+
+
+def group(rows: Iterable[UsageRow], by: Iterable[str]) -> list[UsageRow]:
+    """Add rows up over the dimensions not in `by` (those become None)."""
+    keep = tuple(by)
+    out: dict[tuple[Any, ...], UsageRow] = {}
+    for row in rows:
+        c, p, m, r, d = (getattr(row, d) if d in keep else None for d in DIMENSIONS)
+        total = out.get((c, p, m, r, d))
+        if total is None:
+            total = out[(c, p, m, r, d)] = UsageRow(c, p, m, r, d)
+        total.add(Usage(row.input_tokens, row.output_tokens, row.cached_tokens,
+                        row.reasoning_tokens), requests=row.requests, errors=row.errors)
+    return sorted(out.values(), key=lambda r: tuple(str(getattr(r, d)) for d in DIMENSIONS))
+
+
+@dataclass(frozen=True)
+class Reservation:
+    token_id: str
+    day: str
+    estimate: int
+
+
+class Budgets:
+    """Daily token budgets per consumer token: reserve, then settle. Event-loop only, so a
+    check and its reservation are one step and concurrent requests cannot race past."""
+
+    def __init__(self) -> None:
+        self.used: dict[tuple[str, str], int] = {}  # (token_id, day) -> settled tokens
+        self.unflushed: dict[tuple[str, str], int] = {}  # settled since the last flush
+        self._reserved: dict[tuple[str, str], int] = {}
+
+    def reserve(self, token_id: str, day: str, limit: int, estimate: int) -> Reservation | None:
+        key = (token_id, day)
+        if self.used.get(key, 0) + self._reserved.get(key, 0) + estimate > limit:
+            return None
+        self._reserved[key] = self._reserved.get(key, 0) + estimate
+        return Reservation(token_id, day, estimate)
+
+    def settle(self, reservation: Reservation, actual: int) -> None:
+        key = (reservation.token_id, reservation.day)
+        self._reserved[key] -= reservation.estimate
+        self.used[key] = self.used.get(key, 0) + actual
+        self.unflushed[key] = self.unflushed.get(key, 0) + actual
+
+    def drain(self) -> dict[tuple[str, str], int]:
+        spent, self.unflushed = self.unflushed, {}
+        return spent

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx2
 import openai
 import pytest
@@ -19,6 +21,8 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
 from tests.support.sdk_clients import (
+    anthropic_client,
+    azure_client,
     genai_client,
     jina_post,
     jina_post_async,
@@ -26,12 +30,15 @@ from tests.support.sdk_clients import (
     sdk_base_url,
     voyage_client,
 )
-from tests.support.standins import StandIn, error_body
+from tests.support.standins import StandIn, error_body, stream_events
 
 OPENAI_KEY = "sk-standin-openai-real"
 GOOGLE_KEY = "AIza-standin-google-real"
 JINA_KEY = "jina_standin_real"
 VOYAGE_KEY = "pa-standin-voyage-real"
+ANTHROPIC_KEY = "sk-ant-standin-real"
+AZURE_KEY = "azure-standin-real"
+OPENROUTER_KEY = "sk-or-standin-real"
 WRONG = "wrong-key"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 
@@ -59,6 +66,23 @@ def jina() -> Iterator[StandIn]:
 @pytest.fixture
 def voyage() -> Iterator[StandIn]:
     yield from _standin("voyage", VOYAGE_KEY)
+
+
+@pytest.fixture
+def ant() -> Iterator[StandIn]:
+    yield from _standin("anthropic", ANTHROPIC_KEY)
+
+
+@pytest.fixture
+def azure() -> Iterator[StandIn]:
+    yield from _standin("azure-openai", AZURE_KEY)
+
+
+@pytest.fixture
+def orouter() -> Iterator[StandIn]:
+    # OpenRouter's real root is https://openrouter.ai/api: mimic its path.
+    with StandIn("openrouter", OPENROUTER_KEY, path_prefix="/api") as standin:
+        yield standin
 
 
 def _openai_events(standin: StandIn, *, usage: bool) -> int:
@@ -332,6 +356,390 @@ def test_google_key_query_param_and_json_array_stream(goog: StandIn) -> None:
     assert status == 200 and headers["content-type"].startswith("application/json")
     chunks = json.loads(body)
     assert [c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks] == goog.pieces()
+
+
+# -- Anthropic ------------------------------------------------------------------------------
+
+ANTHROPIC_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+ANTHROPIC_STREAM_KINDS = [
+    "message_start",
+    "content_block_start",
+    "ping",
+    *["content_block_delta"] * 3,
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+]
+
+
+def _text(message: anthropic.types.Message) -> str:
+    """The text of a Message made of text blocks only."""
+    assert all(isinstance(b, anthropic.types.TextBlock) for b in message.content)
+    return "".join(b.text for b in message.content if isinstance(b, anthropic.types.TextBlock))
+
+
+def _anthropic_raw(standin: StandIn, headers: dict[str, str], body: Any) -> tuple[int, bytes]:
+    status, _, raw = jina_post(standin.base_url, None, "v1/messages", body, headers=headers)
+    return status, raw
+
+
+def test_anthropic_messages_sync(ant: StandIn) -> None:
+    """messages.create posts ROOT/v1/messages with the key as Bearer and anthropic-version."""
+    with anthropic_client(ant.base_url, ANTHROPIC_KEY) as client:
+        message = client.messages.create(model="claude-test", max_tokens=64, messages=MESSAGES)
+    assert [b.type for b in message.content] == ["text"]
+    assert _text(message) == ant.expected_text
+    assert (message.model, message.stop_reason, message.role) == (
+        "claude-test",
+        "end_turn",
+        "assistant",
+    )
+    usage = message.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens) == (7, 5, 2)
+    (req,) = ant.requests
+    assert (req.method, req.path, req.query) == ("POST", "/v1/messages", "")
+    assert req.headers["authorization"] == f"Bearer {ANTHROPIC_KEY}"
+    assert "x-api-key" not in req.headers
+    assert ANTHROPIC_VERSION.match(req.headers["anthropic-version"])
+    assert req.json() == {"model": "claude-test", "max_tokens": 64, "messages": MESSAGES}
+
+
+async def test_anthropic_messages_async(ant: StandIn) -> None:
+    """AsyncAnthropic reaches the same route and parses the same Message."""
+    async with anthropic_client(ant.base_url, ANTHROPIC_KEY, async_=True) as client:
+        message = await client.messages.create(
+            model="claude-test", max_tokens=64, messages=MESSAGES
+        )
+    assert _text(message) == ant.expected_text
+    assert message.usage.output_tokens == 5
+    assert ant.last.headers["x-stainless-async"].startswith("async:")
+    assert ant.last.headers["authorization"] == f"Bearer {ANTHROPIC_KEY}"
+
+
+def test_anthropic_stream_helper_sync(ant: StandIn) -> None:
+    """messages.stream() yields every piece and a final message with both usage halves."""
+    with (
+        anthropic_client(ant.base_url, ANTHROPIC_KEY) as client,
+        client.messages.stream(model="claude-test", max_tokens=64, messages=MESSAGES) as stream,
+    ):
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert texts == ant.pieces()
+    assert _text(final) == ant.expected_text
+    assert final.stop_reason == "end_turn"
+    # input and cache reads come from message_start, output from message_delta.
+    assert (final.usage.input_tokens, final.usage.cache_read_input_tokens) == (7, 2)
+    assert final.usage.output_tokens == 5
+    req = ant.last
+    assert req.json()["stream"] is True
+    assert req.headers["x-stainless-helper-method"] == "stream"
+    assert len(ant.sent_at) == stream_events("anthropic", ant.n_chunks)
+
+
+async def test_anthropic_stream_helper_async(ant: StandIn) -> None:
+    """The async messages.stream() helper assembles the same final message."""
+    ant.n_chunks = 5
+    async with (
+        anthropic_client(ant.base_url, ANTHROPIC_KEY, async_=True) as client,
+        client.messages.stream(model="claude-test", max_tokens=64, messages=MESSAGES) as stream,
+    ):
+        texts = [t async for t in stream.text_stream]
+        final = await stream.get_final_message()
+    assert texts == ant.pieces() and len(texts) == 5
+    assert final.usage.output_tokens == 5
+    assert len(ant.sent_at) == stream_events("anthropic", 5)
+
+
+def test_anthropic_raw_stream_events(ant: StandIn) -> None:
+    """create(stream=True) yields the typed events in order; the SDK drops the ping."""
+    with anthropic_client(ant.base_url, ANTHROPIC_KEY) as client:
+        events = list(
+            client.messages.create(
+                model="claude-test", max_tokens=64, messages=MESSAGES, stream=True
+            )
+        )
+    assert [e.type for e in events] == [k for k in ANTHROPIC_STREAM_KINDS if k != "ping"]
+    start, delta = events[0], events[-2]
+    assert start.type == "message_start" and delta.type == "message_delta"
+    assert (start.message.usage.input_tokens, start.message.usage.output_tokens) == (7, 1)
+    assert delta.usage.output_tokens == 5
+
+
+def test_anthropic_wire_stream_has_ping_and_usage_events(ant: StandIn) -> None:
+    """On the wire: named SSE events, a ping, usage in message_start and message_delta."""
+    headers = {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}
+    body = {"model": "claude-test", "max_tokens": 8, "messages": MESSAGES, "stream": True}
+    status, raw = _anthropic_raw(ant, headers, body)
+    assert status == 200
+    blocks = raw.decode().split("\n\n")
+    assert blocks[-1] == ""
+    events = [b.split("\n") for b in blocks[:-1]]
+    assert [e[0] for e in events] == [f"event: {k}" for k in ANTHROPIC_STREAM_KINDS]
+    data = [json.loads(e[1].removeprefix("data: ")) for e in events]
+    assert [d["type"] for d in data] == ANTHROPIC_STREAM_KINDS
+    assert data[0]["message"]["usage"]["input_tokens"] == 7
+    assert data[0]["message"]["usage"]["cache_read_input_tokens"] == 2
+    assert data[-2]["usage"] == {"output_tokens": 5}
+    assert ant.last.headers["x-api-key"] == ANTHROPIC_KEY
+
+
+def test_anthropic_x_api_key_header(ant: StandIn) -> None:
+    """key_header="x-api-key" sends the documented header alone, and it is accepted."""
+    with anthropic_client(ant.base_url, ANTHROPIC_KEY, key_header="x-api-key") as client:
+        message = client.messages.create(model="claude-test", max_tokens=8, messages=MESSAGES)
+    assert _text(message) == ant.expected_text
+    assert ant.last.headers["x-api-key"] == ANTHROPIC_KEY
+    assert "authorization" not in ant.last.headers
+
+
+def test_anthropic_wrong_key_raises_authentication_error(ant: StandIn) -> None:
+    """A wrong key is 401 in Anthropic's shape: anthropic.AuthenticationError."""
+    with (
+        anthropic_client(ant.base_url, WRONG) as client,
+        pytest.raises(anthropic.AuthenticationError) as info,
+    ):
+        client.messages.create(model="claude-test", max_tokens=8, messages=MESSAGES)
+    err = info.value
+    assert (err.status_code, err.type, err.api_message) == (
+        401,
+        "authentication_error",
+        "invalid x-api-key",
+    )
+    assert err.request_id is not None and err.request_id.startswith("req_")
+    assert ant.last.headers["authorization"] == f"Bearer {WRONG}"
+
+
+async def test_anthropic_wrong_key_async_stream_raises(ant: StandIn) -> None:
+    """The async stream helper raises the same AuthenticationError on entry."""
+    async with anthropic_client(ant.base_url, WRONG, async_=True, key_header="x-api-key") as c:
+        with pytest.raises(anthropic.AuthenticationError):
+            async with c.messages.stream(model="m", max_tokens=8, messages=MESSAGES) as stream:
+                await stream.get_final_message()
+    assert ant.last.headers["x-api-key"] == WRONG
+
+
+def test_anthropic_key_in_either_header_must_match(ant: StandIn) -> None:
+    """No key is 401; a good x-api-key with a wrong Bearer is 401; no version is 400."""
+    body = {"model": "claude-test", "max_tokens": 8, "messages": MESSAGES}
+    version = {"anthropic-version": "2023-06-01"}
+    cases = [
+        (version, 401, "authentication_error"),
+        (
+            {**version, "x-api-key": ANTHROPIC_KEY, "Authorization": f"Bearer {WRONG}"},
+            401,
+            "authentication_error",
+        ),
+        ({"x-api-key": ANTHROPIC_KEY}, 400, "invalid_request_error"),
+    ]
+    for headers, status, etype in cases:
+        got, raw = _anthropic_raw(ant, headers, body)
+        assert got == status
+        answer = json.loads(raw)
+        assert answer["type"] == "error" and answer["error"]["type"] == etype
+
+
+ANTHROPIC_ERRORS = [
+    (401, anthropic.AuthenticationError),
+    (403, anthropic.PermissionDeniedError),
+    (404, anthropic.NotFoundError),
+    (413, anthropic.ContentTooLargeError),
+    (429, anthropic.RateLimitError),
+    (502, anthropic.InternalServerError),
+    (503, anthropic.ServiceUnavailableError),
+    (529, anthropic.OverloadedError),
+]
+
+
+@pytest.mark.parametrize(("status", "exc"), ANTHROPIC_ERRORS)
+def test_status_hook_anthropic_exceptions(ant: StandIn, status: int, exc: type) -> None:
+    """/_status/N makes the anthropic SDK raise its class for N, with the error type."""
+    with (
+        anthropic_client(f"{ant.base_url}/_status/{status}", ANTHROPIC_KEY) as client,
+        pytest.raises(exc) as info,
+    ):
+        client.messages.create(model="m", max_tokens=8, messages=MESSAGES)
+    assert type(info.value) is exc
+    assert info.value.type == json.loads(error_body("anthropic", status, ""))["error"]["type"]
+    assert ant.last.path == f"/_status/{status}/v1/messages"
+
+
+# -- Azure OpenAI ---------------------------------------------------------------------------
+
+
+def test_azure_chat_sync(azure: StandIn) -> None:
+    """AzureOpenAI posts /openai/deployments/{model}/chat/completions?api-version with api-key."""
+    with azure_client(azure.base_url, AZURE_KEY) as client:
+        completion = client.chat.completions.create(model="my-gpt", messages=MESSAGES)
+    assert completion.choices[0].message.content == azure.expected_text
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (7, 5)
+    assert completion.model_extra is not None
+    assert completion.model_extra["prompt_filter_results"][0]["prompt_index"] == 0
+    (req,) = azure.requests
+    assert req.path == "/openai/deployments/my-gpt/chat/completions"
+    assert req.query == "api-version=2024-10-21"
+    assert req.headers["api-key"] == AZURE_KEY
+    assert "authorization" not in req.headers
+    assert req.json()["model"] == "my-gpt"
+
+
+async def test_azure_chat_stream_async_with_usage(azure: StandIn) -> None:
+    """An Azure stream opens with a choice-less filter chunk and ends with usage."""
+    async with azure_client(azure.base_url, AZURE_KEY, async_=True, api_version="2025-01-01") as c:
+        stream = await c.chat.completions.create(
+            model="my-gpt",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    first, last = chunks[0], chunks[-1]
+    assert first.choices == [] and first.usage is None
+    assert first.model_extra is not None and "prompt_filter_results" in first.model_extra
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == azure.expected_text
+    assert last.choices == [] and last.usage is not None and last.usage.total_tokens == 12
+    assert azure.last.query == "api-version=2025-01-01"
+    assert len(azure.sent_at) == stream_events("azure-openai", azure.n_chunks, usage=True)
+
+
+def test_azure_chat_stream_sync_without_usage(azure: StandIn) -> None:
+    """Without include_usage an Azure stream carries no usage at all."""
+    with azure_client(azure.base_url, AZURE_KEY) as client:
+        stream = client.chat.completions.create(model="my-gpt", messages=MESSAGES, stream=True)
+        chunks = list(stream)
+    assert all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(azure.sent_at) == stream_events("azure-openai", azure.n_chunks)
+
+
+def test_azure_embeddings_sync(azure: StandIn) -> None:
+    """embeddings.create posts /openai/deployments/{model}/embeddings (base64 by default)."""
+    with azure_client(azure.base_url, AZURE_KEY) as client:
+        result = client.embeddings.create(model="my-embed", input=["a", "b"])
+    assert [d.embedding for d in result.data] == [StandIn.embedding(0), StandIn.embedding(1)]
+    assert result.usage.prompt_tokens == 7
+    req = azure.last
+    assert (req.path, req.query) == (
+        "/openai/deployments/my-embed/embeddings",
+        "api-version=2024-10-21",
+    )
+    assert req.json()["encoding_format"] == "base64"
+
+
+def test_azure_wrong_key_raises_authentication_error(azure: StandIn) -> None:
+    """A wrong api-key is 401 in Azure's shape: openai.AuthenticationError."""
+    with (
+        azure_client(azure.base_url, WRONG) as client,
+        pytest.raises(openai.AuthenticationError) as info,
+    ):
+        client.chat.completions.create(model="my-gpt", messages=MESSAGES)
+    assert info.value.status_code == 401
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "401"
+    assert azure.last.headers["api-key"] == WRONG
+
+
+async def test_azure_wrong_key_async_embeddings_raises(azure: StandIn) -> None:
+    """The async Azure client raises the same AuthenticationError."""
+    async with azure_client(azure.base_url, WRONG, async_=True) as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.embeddings.create(model="my-embed", input="a")
+
+
+def test_azure_needs_api_version_and_api_key(azure: StandIn) -> None:
+    """Without api-version Azure answers 404 Resource not found; without api-key 401."""
+    path = "openai/deployments/my-gpt/chat/completions"
+    body = {"messages": MESSAGES}
+    status, _, raw = jina_post(azure.base_url, None, path, body, headers={"api-key": AZURE_KEY})
+    assert status == 404
+    assert json.loads(raw) == {"error": {"code": "404", "message": "Resource not found"}}
+    status, _, raw = jina_post(azure.base_url, None, f"{path}?api-version=2024-10-21", body)
+    assert status == 401 and json.loads(raw)["error"]["code"] == "401"
+    # The deployment names the model: a body without one is answered.
+    status, _, raw = jina_post(
+        azure.base_url, None, f"{path}?api-version=2024-10-21", body, headers={"api-key": AZURE_KEY}
+    )
+    assert status == 200 and json.loads(raw)["model"] == "my-gpt"
+
+
+# -- OpenRouter -----------------------------------------------------------------------------
+
+
+def test_openrouter_chat_sync(orouter: StandIn) -> None:
+    """The openai SDK at ROOT/v1 posts /api/v1/chat/completions and parses usage and cost."""
+    with openai_client(orouter.base_url, OPENROUTER_KEY, provider="openrouter") as client:
+        completion = client.chat.completions.create(model="openai/gpt-test", messages=MESSAGES)
+    assert completion.choices[0].message.content == orouter.expected_text
+    assert completion.model == "openai/gpt-test"
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (7, 5)
+    assert completion.usage.model_extra is not None and completion.usage.model_extra["cost"] > 0
+    assert completion.model_extra is not None and completion.model_extra["provider"] == "OpenAI"
+    (req,) = orouter.requests
+    assert (req.path, req.query) == ("/api/v1/chat/completions", "")
+    assert req.headers["authorization"] == f"Bearer {OPENROUTER_KEY}"
+
+
+def test_openrouter_stream_sync_with_usage(orouter: StandIn) -> None:
+    """A stream with comments between events parses; include_usage adds a usage chunk."""
+    with openai_client(orouter.base_url, OPENROUTER_KEY, provider="openrouter") as client:
+        stream = client.chat.completions.create(
+            model="openai/gpt-test",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == orouter.expected_text
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len(orouter.sent_at) == stream_events("openrouter", orouter.n_chunks, usage=True)
+
+
+async def test_openrouter_stream_async_without_usage(orouter: StandIn) -> None:
+    """An async stream without include_usage carries no usage."""
+    async with openai_client(
+        orouter.base_url, OPENROUTER_KEY, async_=True, provider="openrouter"
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="openai/gpt-test", messages=MESSAGES, stream=True
+        )
+        chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == orouter.expected_text
+    assert all(c.usage is None for c in chunks)
+    assert len(orouter.sent_at) == stream_events("openrouter", orouter.n_chunks)
+
+
+def test_openrouter_wire_stream_interleaves_comments(orouter: StandIn) -> None:
+    """On the wire a `: OPENROUTER PROCESSING` comment precedes each data event."""
+    body = {"model": "m", "messages": MESSAGES, "stream": True, "usage": {"include": True}}
+    status, headers, raw = jina_post(orouter.base_url, OPENROUTER_KEY, "v1/chat/completions", body)
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    blocks = raw.decode().split("\n\n")[:-1]
+    assert blocks[0::2] == [": OPENROUTER PROCESSING"] * (len(blocks) // 2)
+    data = [b.removeprefix("data: ") for b in blocks[1::2]]
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["usage"]["prompt_tokens"] == 7
+
+
+async def test_openrouter_wrong_key_raises_authentication_error(orouter: StandIn) -> None:
+    """A wrong key is 401 {"error": {"code": 401}}: openai.AuthenticationError."""
+    async with openai_client(orouter.base_url, WRONG, async_=True, provider="openrouter") as c:
+        with pytest.raises(openai.AuthenticationError) as info:
+            await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == 401
+    assert orouter.last.headers["authorization"] == f"Bearer {WRONG}"
+
+
+def test_sdk_base_urls_new_providers() -> None:
+    """anthropic and Azure take ROOT; OpenRouter's openai SDK takes ROOT/v1."""
+    root = "http://127.0.0.1:1/proxy/x"
+    assert sdk_base_url("anthropic", root) == sdk_base_url("azure-openai", root + "/") == root
+    assert sdk_base_url("openrouter", root) == root + "/v1"
+    with pytest.raises(ValueError):
+        openai_client(root, "k", provider="anthropic")
 
 
 # -- Voyage ---------------------------------------------------------------------------------

@@ -4,13 +4,18 @@ Every factory takes the provider ROOT: what the provider's `base_url` is in SPEC
 `StandIn.base_url` for a stand-in, or `http://127.0.0.1:PORT/proxy/<provider>` for the
 broker. Each SDK wants a different base URL; `sdk_base_url()` derives it:
 
-| provider | SDK base URL       | SDK then requests                                              |
-|----------|--------------------|----------------------------------------------------------------|
-| openai   | ROOT + "/v1"       | base + "/chat/completions", "/responses", "/embeddings"        |
-| google   | ROOT               | ROOT + "/{api_version}/models/{model}:generateContent" etc.    |
-| voyage   | ROOT + "/v1"       | base + "/embeddings", "/rerank"                                |
-| jina     | ROOT (no SDK)      | ROOT + "/" + path, path like "v1/embeddings"                   |
+| provider     | SDK base URL         | SDK then requests                                          |
+|--------------|----------------------|------------------------------------------------------------|
+| openai       | ROOT + "/v1"         | base + "/chat/completions", "/responses", "/embeddings"    |
+| google       | ROOT                 | ROOT + "/{api_version}/models/{model}:generateContent" etc.|
+| voyage       | ROOT + "/v1"         | base + "/embeddings", "/rerank"                            |
+| jina         | ROOT (no SDK)        | ROOT + "/" + path, path like "v1/embeddings"               |
+| anthropic    | ROOT                 | ROOT + "/v1/messages"                                      |
+| azure-openai | ROOT (azure_endpoint)| ROOT + "/openai/deployments/{model}/chat/completions" and  |
+|              |                      | ".../embeddings", each with "?api-version=..."             |
+| openrouter   | ROOT + "/v1"         | base + "/chat/completions" (the openai SDK: openai_client) |
 
+OpenRouter's real ROOT is https://openrouter.ai/api (so its SDK base is .../api/v1).
 SDK retries are off everywhere, so denials and error statuses surface at once.
 """
 
@@ -22,6 +27,7 @@ import urllib.request
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import voyageai
 from google import genai
@@ -33,9 +39,9 @@ DEFAULT_TIMEOUT = 30.0
 def sdk_base_url(provider: str, root: str) -> str:
     """The base URL the provider's SDK is given, from the provider root (see module doc)."""
     root = root.rstrip("/")
-    if provider in ("openai", "voyage"):
+    if provider in ("openai", "voyage", "openrouter"):
         return root + "/v1"
-    if provider in ("google", "jina"):
+    if provider in ("google", "jina", "anthropic", "azure-openai"):
         return root
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -46,17 +52,83 @@ def openai_client(
     async_: bool = False,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    provider: str = "openai",
     **kwargs: Any,
 ) -> openai.OpenAI | openai.AsyncOpenAI:
     """OpenAI SDK at ROOT + "/v1" (the SDK appends "/chat/completions" etc.), no retries.
 
     It sends `Authorization: Bearer KEY`, plus `OpenAI-Organization`/`OpenAI-Project`
     only when set, and its `x-stainless-*` telemetry headers. It follows redirects.
+    `provider="openrouter"` is the same client for OpenRouter (also ROOT + "/v1"): it
+    ignores OpenRouter's `: OPENROUTER PROCESSING` SSE comments.
     """
+    if provider not in ("openai", "openrouter"):
+        raise ValueError(f"openai_client serves openai and openrouter, not {provider!r}")
     cls = openai.AsyncOpenAI if async_ else openai.OpenAI
     return cls(
         api_key=key,
-        base_url=sdk_base_url("openai", root),
+        base_url=sdk_base_url(provider, root),
+        max_retries=0,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def anthropic_client(
+    root: str,
+    key: str,
+    async_: bool = False,
+    *,
+    key_header: str = "authorization",
+    timeout: float = DEFAULT_TIMEOUT,
+    **kwargs: Any,
+) -> anthropic.Anthropic | anthropic.AsyncAnthropic:
+    """anthropic SDK at ROOT (it appends "/v1/messages"), no retries.
+
+    With `api_key=` the anthropic SDK 2.x sends `Authorization: Bearer KEY` (not
+    `x-api-key`), plus `anthropic-version` (its own API version) and `x-stainless-*`
+    telemetry. `key_header="x-api-key"` sends the key as `x-api-key: KEY` instead (the
+    documented header, as curl and older SDKs send it), with no `Authorization`. Extra
+    `default_headers` (e.g. another `anthropic-version`) merge over those.
+    """
+    cls = anthropic.AsyncAnthropic if async_ else anthropic.Anthropic
+    headers: dict[str, Any] = {}
+    if key_header == "x-api-key":
+        headers = {"x-api-key": key, "Authorization": anthropic.omit}
+    elif key_header != "authorization":
+        raise ValueError(f"key_header must be 'authorization' or 'x-api-key', not {key_header!r}")
+    headers.update(kwargs.pop("default_headers", None) or {})
+    return cls(
+        api_key=key,
+        base_url=sdk_base_url("anthropic", root),
+        max_retries=0,
+        timeout=timeout,
+        default_headers=headers or None,
+        **kwargs,
+    )
+
+
+def azure_client(
+    root: str,
+    key: str,
+    async_: bool = False,
+    *,
+    api_version: str = "2024-10-21",
+    timeout: float = DEFAULT_TIMEOUT,
+    **kwargs: Any,
+) -> openai.AzureOpenAI | openai.AsyncAzureOpenAI:
+    """openai SDK's AzureOpenAI with azure_endpoint=ROOT, no retries.
+
+    The deployment is the `model` argument: it requests
+    ROOT + "/openai/deployments/{model}/chat/completions?api-version=API_VERSION" (and
+    ".../embeddings"), sending the key as `api-key: KEY` (no `Authorization`), with the
+    deployment also as the body's `model`, and `x-stainless-*` telemetry.
+    """
+    cls = openai.AsyncAzureOpenAI if async_ else openai.AzureOpenAI
+    return cls(
+        azure_endpoint=sdk_base_url("azure-openai", root),
+        api_key=key,
+        api_version=api_version,
         max_retries=0,
         timeout=timeout,
         **kwargs,

@@ -14,6 +14,25 @@ Routes, under `path_prefix` (the provider's base URL path):
   `x-goog-api-key: KEY` (or, as Google also accepts, a `key` query parameter).
 - jina: POST v1/embeddings, v1/rerank. Auth `Authorization: Bearer KEY`.
 - voyage: POST v1/embeddings, v1/rerank. Auth `Authorization: Bearer KEY`.
+- anthropic: POST v1/messages (also with `"stream": true`: message_start, content_block_start,
+  ping, content_block_delta x n_chunks, content_block_stop, message_delta, message_stop).
+  Auth `x-api-key: KEY` (the documented header) or `Authorization: Bearer KEY` (what the
+  anthropic SDK 2.x sends for `api_key=`); every one of the two that is present must carry
+  the key. An `anthropic-version` header is required (400 without), as the real API.
+  Usage: message_start's `message.usage` has input_tokens, cache_read_input_tokens
+  (= cached_tokens), cache_creation_input_tokens 0 and output_tokens 1 (as the real API, a
+  placeholder); message_delta's `usage.output_tokens` is the final output count.
+- azure-openai: POST openai/deployments/{deployment}/chat/completions (also streamed) and
+  openai/deployments/{deployment}/embeddings, each needing an `api-version` query
+  parameter (404 "Resource not found" without, as Azure). Auth `api-key: KEY`. Answers
+  as openai, plus Azure's content-filter fields; a chat stream starts with Azure's extra
+  chunk holding `prompt_filter_results` and no choices. The body's `model` is optional
+  (the deployment names the model) and is echoed, else the deployment.
+- openrouter: POST v1/chat/completions (its real base URL is https://openrouter.ai/api, so
+  give `path_prefix="/api"` to mimic it). Auth `Authorization: Bearer KEY`. Answers as
+  openai plus `provider`, `native_finish_reason` and usage `cost`; a stream writes a
+  `: OPENROUTER PROCESSING` comment before every event (as OpenRouter's keep-alives), and
+  the usage chunk when `stream_options.include_usage` (or `usage.include`) is set.
 
 Test hooks, on every provider, at the root or under `path_prefix`, each followed by any
 tail (so a broker whose provider base_url is `standin.base_url + "/_status/503"` reaches
@@ -34,7 +53,10 @@ Knobs (set them before the request): `chunk_delay`, `n_chunks`, `gzip`, `reset_a
 `output_tokens`, `cached_tokens`, `reasoning_tokens`). A "chunk" in `sent_at`,
 `reset_after` and `stall_after` is one SSE event (one write + drain); `n_chunks` is the
 number of text-carrying events (`pieces()`), so an OpenAI chat stream writes
-n_chunks + 3 events (+1 with include_usage), a Responses stream n_chunks + 8, Gemini n_chunks.
+n_chunks + 3 events (+1 with include_usage), a Responses stream n_chunks + 8, Gemini n_chunks,
+Anthropic n_chunks + 6, Azure chat n_chunks + 4 (+1), and OpenRouter chat twice OpenAI's
+count (each comment is a write of its own). `stream_events(provider, n_chunks, usage=...)`
+computes these.
 
 Observations: `requests` (`Recorded`, in order; `wait_for_requests(n)` blocks until n
 arrived), `sent_at`, `redirected_hit`, `last_gzip_body`, and the threading.Events
@@ -61,18 +83,27 @@ from typing import Any
 
 from aiohttp import web
 
-PROVIDERS = ("openai", "google", "jina", "voyage")
+PROVIDERS = ("openai", "google", "jina", "voyage", "anthropic", "azure-openai", "openrouter")
+# Providers answering in OpenAI's chat-completions / embeddings format.
+OPENAI_LIKE = ("openai", "azure-openai", "openrouter")
 
 JSON_TYPE = {
     "openai": "application/json",
     "google": "application/json; charset=UTF-8",
     "jina": "application/json",
     "voyage": "application/json",
+    "anthropic": "application/json",
+    "azure-openai": "application/json",
+    "openrouter": "application/json",
 }
 SSE_TYPE = {
     "openai": "text/event-stream; charset=utf-8",
     "google": "text/event-stream",
+    "anthropic": "text/event-stream; charset=utf-8",
+    "azure-openai": "text/event-stream; charset=utf-8",
+    "openrouter": "text/event-stream",
 }
+OPENROUTER_COMMENT = b": OPENROUTER PROCESSING\n\n"
 
 # Google's canonical status names per HTTP status (google.rpc.Code).
 _GOOGLE_STATUS = {
@@ -101,6 +132,34 @@ _OPENAI_TYPE: dict[int, tuple[str, str | None]] = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("requests", "rate_limit_exceeded"),
 }
+# Anthropic's error `type` per HTTP status (its documented error types).
+_ANTHROPIC_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def stream_events(provider: str, n_chunks: int = 3, *, usage: bool = False) -> int:
+    """How many writes (`sent_at` entries) a chat stream of `provider` makes.
+
+    `usage` is include_usage for the OpenAI-like providers (ignored by the others); for
+    google this is streamGenerateContent with alt=sse.
+    """
+    if provider == "anthropic":
+        return n_chunks + 6
+    if provider == "google":
+        return n_chunks
+    if provider not in OPENAI_LIKE:
+        raise ValueError(f"{provider!r} has no chat stream")
+    events = n_chunks + 3 + (1 if usage else 0) + (1 if provider == "azure-openai" else 0)
+    return 2 * events if provider == "openrouter" else events
 
 
 def error_body(provider: str, status: int, message: str) -> bytes:
@@ -118,6 +177,18 @@ def error_body(provider: str, status: int, message: str) -> bytes:
                 "status": _GOOGLE_STATUS.get(status, "UNKNOWN"),
             }
         }
+    elif provider == "anthropic":
+        etype = _ANTHROPIC_TYPE.get(status, "api_error")
+        obj = {
+            "type": "error",
+            "error": {"type": etype, "message": message},
+            "request_id": "req_standin_error",
+        }
+    elif provider == "azure-openai":
+        # Azure's own errors carry the status as a string code and no type.
+        obj = {"error": {"code": str(status), "message": message}}
+    elif provider == "openrouter":
+        obj = {"error": {"code": status, "message": message}}
     else:
         obj = {"detail": message}
     return json.dumps(obj).encode()
@@ -144,11 +215,21 @@ _HOOK_HANG = re.compile(r"^/_hang(/.*)?$")
 _GOOGLE_ROUTE = re.compile(
     r"^/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent)$"
 )
+_AZURE_ROUTE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)$")
 
 _ROUTES: dict[str, tuple[str, ...]] = {
     "openai": ("/v1/chat/completions", "/v1/responses", "/v1/embeddings"),
     "jina": ("/v1/embeddings", "/v1/rerank"),
     "voyage": ("/v1/embeddings", "/v1/rerank"),
+    "anthropic": ("/v1/messages",),
+    "openrouter": ("/v1/chat/completions",),
+}
+
+
+# Azure's content-filter verdicts for harmless text, on prompts and completions.
+_AZURE_FILTERS: dict[str, Any] = {
+    name: {"filtered": False, "severity": "safe"}
+    for name in ("hate", "self_harm", "sexual", "violence")
 }
 
 
@@ -379,10 +460,16 @@ class StandIn:
         return await self._route(request, rest, body)
 
     async def _route(self, request: web.Request, path: str, body: bytes) -> web.StreamResponse:
+        m: re.Match[str] | None = None
         if self.provider == "google":
             m = _GOOGLE_ROUTE.match(path)
             if m is None:
                 return self._error(404, f"Requested entity was not found: {path}")
+        elif self.provider == "azure-openai":
+            m = _AZURE_ROUTE.match(path)
+            # Azure answers an unknown path, or one without api-version, 404 before auth.
+            if m is None or not request.query.get("api-version"):
+                return self._error(404, "Resource not found")
         elif path not in _ROUTES[self.provider]:
             return self._error(404, f"Invalid URL (POST {path})")
         if request.method != "POST":
@@ -390,6 +477,8 @@ class StandIn:
         denied = self._check_auth(request)
         if denied is not None:
             return denied
+        if self.provider == "anthropic" and not request.headers.get("anthropic-version"):
+            return self._error(400, "anthropic-version: header is required")
         try:
             try:
                 payload = json.loads(body)
@@ -397,8 +486,15 @@ class StandIn:
                 raise _BadRequest(f"Invalid JSON payload received: {exc}") from exc
             if not isinstance(payload, dict):
                 raise _BadRequest("Invalid JSON payload: expected an object")
-            if self.provider == "openai":
+            if self.provider in ("openai", "openrouter"):
                 return await self._openai(request, path, payload)
+            if self.provider == "azure-openai":
+                assert m is not None
+                return await self._openai(
+                    request, f"/v1/{m.group(2)}", payload, deployment=m.group(1)
+                )
+            if self.provider == "anthropic":
+                return await self._anthropic(request, payload)
             if self.provider == "google":
                 assert m is not None
                 return await self._google(request, m.group(2), m.group(3), payload)
@@ -421,6 +517,32 @@ class StandIn:
             if given != self.expected_key:
                 return self._error(401, "API key not valid. Please pass a valid API key.")
             return None
+        if self.provider == "anthropic":
+            api_key = request.headers.get("x-api-key")
+            bearer = request.headers.get("Authorization")
+            if api_key is None and bearer is None:
+                return self._error(401, "x-api-key header is required")
+            if (api_key is not None and api_key != self.expected_key) or (
+                bearer is not None and bearer != f"Bearer {self.expected_key}"
+            ):
+                return self._error(401, "invalid x-api-key")
+            return None
+        if self.provider == "azure-openai":
+            given = request.headers.get("api-key")
+            if given is None:
+                return self._error(
+                    401,
+                    "Access denied due to missing subscription key. Make sure to include"
+                    " subscription key when making requests to an API.",
+                )
+            if given != self.expected_key:
+                return self._error(
+                    401,
+                    "Access denied due to invalid subscription key or wrong API endpoint."
+                    " Make sure to provide a valid key for an active subscription and use a"
+                    " correct regional API endpoint for your resource.",
+                )
+            return None
         auth = request.headers.get("Authorization")
         if auth is None:
             message = {
@@ -429,6 +551,7 @@ class StandIn:
                 " YOUR_KEY).",
                 "jina": "Unauthorized: missing Authorization header",
                 "voyage": "No API key provided.",
+                "openrouter": "No auth credentials found",
             }[self.provider]
             return self._error(401, message)
         if auth != f"Bearer {self.expected_key}":
@@ -437,6 +560,7 @@ class StandIn:
                 " https://platform.openai.com/account/api-keys.",
                 "jina": "Unauthorized: invalid API key",
                 "voyage": "Provided API key is invalid.",
+                "openrouter": "User not found.",
             }[self.provider]
             return self._error(401, message)
         return None
@@ -446,13 +570,24 @@ class StandIn:
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> web.Response:
         data = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
         hdrs = {"Content-Type": JSON_TYPE[self.provider], **(headers or {})}
-        if self.provider == "openai":
-            hdrs.setdefault("x-request-id", f"req_standin_{next(self._ids)}")
+        for name, value in self._id_headers().items():
+            hdrs.setdefault(name, value)
         if self.gzip:
             data = gzip.compress(data, mtime=0)
             self.last_gzip_body = data
             hdrs["Content-Encoding"] = "gzip"
         return web.Response(status=status, body=data, headers=hdrs)
+
+    def _id_headers(self) -> dict[str, str]:
+        """The request-id headers the provider's answers carry."""
+        if self.provider == "openai":
+            return {"x-request-id": f"req_standin_{next(self._ids)}"}
+        if self.provider == "azure-openai":
+            rid = f"standin-{next(self._ids)}"
+            return {"x-request-id": rid, "apim-request-id": rid}
+        if self.provider == "anthropic":
+            return {"request-id": f"req_standin_{next(self._ids)}"}
+        return {}
 
     def _error(self, status: int, message: str) -> web.Response:
         return self._json(status, error_body(self.provider, status, message))
@@ -470,9 +605,9 @@ class StandIn:
     async def _stream(
         self, request: web.Request, events: Iterable[bytes], content_type: str
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers={"Content-Type": content_type})
-        if self.provider == "openai":
-            resp.headers["x-request-id"] = f"req_standin_{next(self._ids)}"
+        resp = web.StreamResponse(
+            status=200, headers={"Content-Type": content_type, **self._id_headers()}
+        )
         await resp.prepare(request)
         written = 0
         try:
@@ -531,19 +666,25 @@ class StandIn:
     # -- openai ---------------------------------------------------------------------------
 
     async def _openai(
-        self, request: web.Request, path: str, payload: dict[str, Any]
+        self,
+        request: web.Request,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        deployment: str | None = None,
     ) -> web.StreamResponse:
-        model = payload.get("model")
+        """openai, and the OpenAI-like azure-openai (`deployment` from its path) and openrouter."""
+        model = payload.get("model", deployment)
         if not isinstance(model, str) or not model:
             raise _BadRequest("you must provide a model parameter")
         if path == "/v1/embeddings":
-            return self._embeddings(payload)
+            return self._embeddings(payload, model)
         if path == "/v1/chat/completions":
             if not isinstance(payload.get("messages"), list):
                 raise _BadRequest("Missing required parameter: 'messages'.")
             if payload.get("stream"):
                 return await self._stream(
-                    request, self._chat_events(payload, model), SSE_TYPE["openai"]
+                    request, self._chat_events(payload, model), SSE_TYPE[self.provider]
                 )
             return self._json(200, self._chat_completion(model))
         if "input" not in payload:
@@ -553,6 +694,13 @@ class StandIn:
         return self._json(200, self._response_obj(model, f"resp_standin_{next(self._ids)}"))
 
     def _chat_usage(self) -> dict[str, Any]:
+        usage = self._openai_chat_usage()
+        if self.provider == "openrouter":
+            # OpenRouter adds what the call cost in credits.
+            usage.update(cost=0.000123, is_byok=False)
+        return usage
+
+    def _openai_chat_usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.input_tokens,
             "completion_tokens": self.output_tokens,
@@ -567,47 +715,96 @@ class StandIn:
         }
 
     def _chat_completion(self, model: str) -> dict[str, Any]:
-        return {
-            "id": f"chatcmpl-standin{next(self._ids)}",
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": self.expected_text,
+                "refusal": None,
+                "annotations": [],
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        id_prefix = "gen-standin-" if self.provider == "openrouter" else "chatcmpl-standin"
+        obj: dict[str, Any] = {
+            "id": f"{id_prefix}{next(self._ids)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": self.expected_text,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
+            "choices": [choice],
             "usage": self._chat_usage(),
             "service_tier": "default",
             "system_fingerprint": "fp_standin",
         }
+        if self.provider == "azure-openai":
+            choice["content_filter_results"] = _AZURE_FILTERS
+            obj["prompt_filter_results"] = [
+                {"prompt_index": 0, "content_filter_results": _AZURE_FILTERS}
+            ]
+        elif self.provider == "openrouter":
+            obj["provider"] = "OpenAI"
+            choice["native_finish_reason"] = "stop"
+        return obj
 
     def _chat_events(self, payload: dict[str, Any], model: str) -> Iterator[bytes]:
+        events = self._openai_chat_events(payload, model)
+        if self.provider != "openrouter":
+            yield from events
+            return
+        # OpenRouter's keep-alive comments, each written on its own, before every event.
+        for event in events:
+            yield OPENROUTER_COMMENT
+            yield event
+
+    def _openai_chat_events(self, payload: dict[str, Any], model: str) -> Iterator[bytes]:
         options = payload.get("stream_options") or {}
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        base = {
-            "id": f"chatcmpl-standin{next(self._ids)}",
+        usage_opt = payload.get("usage")
+        if self.provider == "openrouter" and isinstance(usage_opt, dict):
+            include_usage = include_usage or bool(usage_opt.get("include"))
+        openrouter = self.provider == "openrouter"
+        id_prefix = "gen-standin-" if openrouter else "chatcmpl-standin"
+        base: dict[str, Any] = {
+            "id": f"{id_prefix}{next(self._ids)}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
             "service_tier": "default",
             "system_fingerprint": "fp_standin",
         }
+        if openrouter:
+            base["provider"] = "OpenAI"
         # With include_usage, the real API puts "usage": null on every chunk but the last.
-        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        extra: dict[str, Any] = {"usage": None} if include_usage and not openrouter else {}
 
         def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            if openrouter:
+                choice["native_finish_reason"] = finish
+            elif self.provider == "azure-openai":
+                choice["content_filter_results"] = _AZURE_FILTERS if delta.get("content") else {}
             return self._sse({**base, "choices": [choice], **extra})
 
+        if self.provider == "azure-openai":
+            # Azure's first chunk: the prompt's filter results, no choices, empty id and model.
+            yield self._sse(
+                {
+                    "choices": [],
+                    "created": 0,
+                    "id": "",
+                    "model": "",
+                    "object": "",
+                    "prompt_filter_results": [
+                        {"prompt_index": 0, "content_filter_results": _AZURE_FILTERS}
+                    ],
+                }
+            )
         yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
         for piece in self.pieces():
             yield chunk({"content": piece}, None)
@@ -705,6 +902,61 @@ class StandIn:
         )
         yield ev("response.completed", response=self._response_obj(model, resp_id, msg_id=msg_id))
 
+    # -- anthropic ------------------------------------------------------------------------
+
+    async def _anthropic(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest("model: Field required")
+        if not isinstance(payload.get("max_tokens"), int):
+            raise _BadRequest("max_tokens: Field required")
+        if not isinstance(payload.get("messages"), list):
+            raise _BadRequest("messages: Field required")
+        msg_id = f"msg_standin{next(self._ids)}"
+        if payload.get("stream"):
+            events = self._anthropic_events(model, msg_id)
+            return await self._stream(request, events, SSE_TYPE["anthropic"])
+        message = self._anthropic_message(model, msg_id, done=True)
+        return self._json(200, message)
+
+    def _anthropic_message(self, model: str, msg_id: str, *, done: bool) -> dict[str, Any]:
+        # Anthropic's input_tokens excludes cache reads, which are counted apart.
+        usage: dict[str, Any] = {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cached_tokens,
+            # message_start carries a placeholder; message_delta has the real count.
+            "output_tokens": self.output_tokens if done else 1,
+            "service_tier": "standard",
+        }
+        return {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": self.expected_text}] if done else [],
+            "stop_reason": "end_turn" if done else None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+
+    def _anthropic_events(self, model: str, msg_id: str) -> Iterator[bytes]:
+        def ev(kind: str, **fields: Any) -> bytes:
+            return self._sse({"type": kind, **fields}, kind)
+
+        yield ev("message_start", message=self._anthropic_message(model, msg_id, done=False))
+        yield ev("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        yield ev("ping")
+        for piece in self.pieces():
+            yield ev("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+        yield ev("content_block_stop", index=0)
+        yield ev(
+            "message_delta",
+            delta={"stop_reason": "end_turn", "stop_sequence": None},
+            usage={"output_tokens": self.output_tokens},
+        )
+        yield ev("message_stop")
+
     # -- google ---------------------------------------------------------------------------
 
     async def _google(
@@ -754,8 +1006,8 @@ class StandIn:
 
     # -- embeddings and rerank (openai, jina, voyage) -------------------------------------
 
-    def _embeddings(self, payload: dict[str, Any]) -> web.Response:
-        model = payload.get("model")
+    def _embeddings(self, payload: dict[str, Any], model: Any = None) -> web.Response:
+        model = payload.get("model", model)
         if not isinstance(model, str) or not model:
             raise _BadRequest("model is required")
         raw = payload.get("input")
@@ -765,7 +1017,7 @@ class StandIn:
             inputs = raw
         else:
             raise _BadRequest("input must be a non-empty string or list")
-        if self.provider == "openai":
+        if self.provider in OPENAI_LIKE:
             dims = payload.get("dimensions") or 4
             encoding = payload.get("encoding_format") or "float"
         elif self.provider == "voyage":
@@ -780,7 +1032,7 @@ class StandIn:
             {"object": "embedding", "index": i, "embedding": vec}
             for i, vec in enumerate(self._vectors(inputs, dims, encoding))
         ]
-        if self.provider == "openai":
+        if self.provider in OPENAI_LIKE:
             usage = {"prompt_tokens": self.input_tokens, "total_tokens": self.input_tokens}
         elif self.provider == "jina":
             usage = {"total_tokens": self.input_tokens, "prompt_tokens": self.input_tokens}

@@ -35,6 +35,7 @@ FIELDS = (
     "secret_ref", "consumer", "purpose", "delivery", "lease_id", "provider", "route", "host",
     "status", "outcome", "reason", "duration_ms", "bytes_out", "version", "backend", "kind",
     "token_id", "peer", "count", "model", "input_tokens", "output_tokens", "env", "pid",
+    "tool",
 )
 MIN_FREE_BYTES = 64 * 1024  # room for a few hundred events; below it, refuse instead
 _MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')

@@ -66,15 +66,16 @@ class BrokerClient:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,
-                 home: Home | None = None) -> BrokerClient:
+                 home: Home | None = None, timeout: float = 30.0) -> BrokerClient:
         env = os.environ if environ is None else environ
         token = env.get("SECRET_BROKER_TOKEN")
         url = env.get("SECRET_BROKER_URL")
         if url:
             if url.startswith("unix:"):
-                return cls(socket_path=Path(urlsplit(url).path), token=token)
-            return cls(url=url, token=token)
-        return cls(socket_path=(home or Home.from_env(dict(env))).socket, token=token)
+                return cls(socket_path=Path(urlsplit(url).path), token=token, timeout=timeout)
+            return cls(url=url, token=token, timeout=timeout)
+        return cls(socket_path=(home or Home.from_env(dict(env))).socket, token=token,
+                   timeout=timeout)
 
     @property
     def where(self) -> str:
@@ -87,20 +88,19 @@ class BrokerClient:
         return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
                                           timeout=self._timeout)
 
-    def request(self, method: str, path: str, body: Any = None,
-                headers: Mapping[str, str] | None = None) -> Any:
-        sent = {"Accept": "application/json", **(headers or {})}
+    def exchange(self, method: str, path: str, body: bytes | None = None,
+                 headers: Mapping[str, str] | None = None, limit: int | None = None
+                 ) -> tuple[int, dict[str, str], bytes]:
+        """One request, answered as it came: status, headers (lower-case names) and the
+        body, of which at most `limit` bytes are read (the rest is dropped unread)."""
+        sent = dict(headers or {})
         if self._token:
             sent["Authorization"] = f"Bearer {self._token}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            sent["Content-Type"] = "application/json"
         conn = self._connection()
         try:
-            conn.request(method, path, body=data, headers=sent)
+            conn.request(method, path, body=body, headers=sent)
             response = conn.getresponse()
-            raw = response.read()
+            raw = response.read() if limit is None else response.read(limit)
         except (FileNotFoundError, ConnectionRefusedError):
             raise errors.BrokerNotRunning(
                 f"the broker is not running ({self.where}); start it with "
@@ -108,18 +108,31 @@ class BrokerClient:
         except OSError as exc:
             raise errors.BrokerNotRunning(
                 f"cannot talk to the broker at {self.where}: {exc.strerror or exc}") from None
+        except http.client.HTTPException as exc:  # e.g. an answer cut off mid-stream
+            raise errors.BrokerError(f"the answer from the broker at {self.where} was cut off "
+                                     f"({type(exc).__name__})") from None
         finally:
             conn.close()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, raw
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: Mapping[str, str] | None = None) -> Any:
+        sent = {"Accept": "application/json", **(headers or {})}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        status, _headers, raw = self.exchange(method, path, data, sent)
         try:
             doc = json.loads(raw) if raw else {}
         except ValueError:
             doc = {}
-        if response.status >= 400:
+        if status >= 400:
             err = doc.get("error", {}) if isinstance(doc, dict) else {}
             code = str(err.get("code", "broker_error"))
-            message = str(err.get("message", f"HTTP {response.status}"))
+            message = str(err.get("message", f"HTTP {status}"))
             error = _BY_CODE.get(code, errors.BrokerError)(message, code=code)
-            error.status = response.status
+            error.status = status
             raise error
         return doc
 

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker import __version__, hardening, logs, routes
+from broker import __version__, hardening, logs, routes, ui
 from broker.audit import parse_rfc3339, rfc3339
 from broker.auth import (
     Authenticator,
@@ -310,7 +310,10 @@ def _host_is_loopback(host: str | None) -> bool:
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """DNS-rebinding and cross-site defence, before authentication, on every route."""
     refusal = None
-    if not _host_is_loopback(request.headers.get("Host")):
+    if request.path.startswith(ui.PREFIX):  # the dashboard: its own page may call it
+        refusal = ui.refusal(request.method, request.path, request.headers,
+                             ui.port_of(request.app[STATE].listen))
+    elif not _host_is_loopback(request.headers.get("Host")):
         refusal = ("host_header_refused", "the Host header is not a loopback name")
     elif "Origin" in request.headers:
         refusal = ("origin_not_allowed", "requests from web pages (with an Origin) are refused")
@@ -327,6 +330,8 @@ OWNER_ONLY = ("/v1/admin/", "/ui/api/")
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one authentication step: any token (or the socket) becomes a Principal."""
+    if ui.needs_no_token(request.method, request.path):
+        return await handler(request)
     state = request.app[STATE]
     places: tuple[str, ...] = ("authorization",)
     name = routes.provider_name(request.raw_path)
@@ -335,7 +340,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     token = presented_token(request.headers, places)
     state.refresh()  # a token created or revoked a moment ago counts at once
     try:
-        principal = state.auth.authenticate(token, via(request))
+        principal = state.auth.authenticate(token, via(request),
+                                            dashboard=request.path.startswith(ui.API))
     except Unauthorized as exc:
         peer = request.remote or "unix"
         state.record("auth.failed", reason="missing" if token is None else "invalid",
@@ -347,7 +353,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             log.warning("auth.throttled", peer=peer, delay_ms=round(delay * 1000))
         await asyncio.sleep(delay)
         raise
-    if principal.kind != "owner" and request.path.startswith(OWNER_ONLY):
+    if principal.kind == "consumer" and request.path.startswith(OWNER_ONLY):
         raise Forbidden("only the owner's token or the Unix socket may use this route",
                         code="owner_only")
     request["principal"] = principal
@@ -477,6 +483,20 @@ async def my_explain(request: web.Request) -> web.Response:
     return web.json_response(explain_as_json(decision))
 
 
+async def mcp_tool_called(request: web.Request) -> web.Response:
+    """The MCP server records each tool call here before making it (no audit, no action)."""
+    from broker.mcp_server import TOOLS
+
+    state = request.app[STATE]
+    body = await json_body(request)
+    consumer = request["consumer"] = consumer_of(request)
+    if set(body) != {"tool"} or body["tool"] not in TOOLS:
+        raise UsageError(f"send {{\"tool\"}} naming one of {', '.join(TOOLS)}")
+    state.check_audit()
+    state.record("mcp.tool_called", consumer=consumer, tool=body["tool"], outcome="called")
+    return web.json_response({"consumer": consumer, "tool": body["tool"]}, status=201)
+
+
 # --- wiring ---------------------------------------------------------------------------------
 
 
@@ -495,9 +515,11 @@ def create_app(state: BrokerState) -> web.Application:
     app.router.add_delete("/v1/leases/{lease_id}", revoke_lease)
     app.router.add_get("/v1/grants", my_grants)
     app.router.add_post("/v1/explain", my_explain)
+    app.router.add_post("/v1/mcp/tool-called", mcp_tool_called)
     app.router.add_get("/v1/usage", admin.usage)
     app.router.add_route("*", "/proxy/{tail:.*}", proxy.handle)
     admin.add_routes(app, "/v1/admin")
+    ui.mount(app)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     return app

@@ -1,0 +1,311 @@
+"""`secret-broker mcp`: a stdio MCP server through which an agent uses keys it never sees.
+
+SPEC §14. Who the agent is comes from the consumer token the owner puts in this server's
+environment (`SECRET_BROKER_TOKEN` or `SECRET_BROKER_TOKEN_FILE`), never from a tool
+argument, so the model cannot choose who it is; without one every tool is refused (the
+owner's `broker.token` is never a fallback). Each tool is one call to the daemon's consumer
+routes (`/v1/grants`, `/v1/explain`, `/v1/usage`) or its gateway (`/proxy/…`), so grants,
+leases, usage and audit apply exactly as for an SDK. Each call is recorded by the daemon
+(`mcp.tool_called`) before it is made: no audit, no action. Every answer, and every error,
+is scrubbed on its way to the model.
+
+The `mcp` SDK (the extra `secret-broker[mcp]`) is imported only where the server runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from broker import __version__
+from broker.client import BrokerClient
+from broker.config import Home, check_private, load_config
+from broker.errors import BrokerError
+
+TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
+MAX_ANSWER_BYTES = 256 * 1024  # what a model's context can take; the rest is cut with a note
+CALL_TIMEOUT_SECS = 330.0  # longer than the daemon's own idle read timeout (300 s)
+REDACTED = "[redacted]"
+# What provider keys look like (OpenAI and Anthropic `sk-…`, Google `AIza…`, Voyage `pa-…`,
+# Jina `jina_…`), where no letter or digit runs into them. The server cannot know the stored
+# values, so it removes anything shaped like one: defence in depth behind the gateway.
+KEY_SHAPES = re.compile(r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{35}"
+                        r"|pa-[A-Za-z0-9_-]{16,}|jina_[A-Za-z0-9_-]{16,})")
+_PROVIDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A route path as the gateway matches it; the daemon normalises and checks it again.
+_ROUTE_PATH = re.compile(r"[A-Za-z0-9._~:/?&=%@+,;!$*'()-]{1,2048}")
+_GRANT_HINT = ("ask the owner to add a grant for consumer {consumer!r} to secrets.grants.toml "
+               "(delivery http_header_inject for call_provider, with the provider's host in "
+               "allowed_hosts); `secret-broker grants explain --consumer {consumer} ...` shows "
+               "what is missing")
+_REISSUE_HINT = ("the owner must create a new consumer token (`secret-broker token create "
+               "--consumer NAME`) and set SECRET_BROKER_TOKEN for this MCP server")
+
+INSTRUCTIONS = """\
+Use API providers (OpenAI, Google, Jina, Voyage, ...) through the owner's secret-broker
+without ever handling a key: call_provider sends your request through the broker, which
+adds the key. list_secrets shows what you are granted; explain_access tells you why a
+use would be allowed or denied; usage shows what you have spent. Access is granted by the
+owner only; when a tool says a grant is missing, tell the owner which one."""
+
+DESCRIPTIONS = {
+    "list_secrets": "The secrets this agent has a grant for: ref, provider, kind, purposes, "
+                    "deliveries and hosts. Never a value.",
+    "explain_access": "Would this agent be allowed to use a secret for a purpose (e.g. "
+                      "llm.chat, llm.embeddings, llm.rerank) through call_provider? Returns "
+                      "{decision: allow|deny, reason, grant}.",
+    "call_provider": "POST a JSON body to a provider's API route through the broker, which "
+                     "adds the key. provider: openai, google, jina, voyage (or one the owner "
+                     "configured); path: the route, e.g. v1/chat/completions, v1/embeddings, "
+                     "v1/rerank, v1beta/models/MODEL:generateContent; body: the JSON request "
+                     "object. Returns {status, streamed, answer}: the provider's JSON answer, "
+                     "or for a streamed answer (SSE) the list of its events; answers over "
+                     f"{MAX_ANSWER_BYTES // 1024} KiB are cut, with a note.",
+    "usage": "This agent's usage through the broker: requests, errors and tokens per "
+             "provider, model, route and day.",
+}
+
+
+# --- scrubbing (pure) ------------------------------------------------------------------------
+
+
+def secret_forms(secret: str) -> list[str]:
+    """A secret as written and in base64 (standard and URL-safe, padded or not), longest
+    first so that no form is cut by a shorter one."""
+    forms = {secret}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        encoded = encode(secret.encode()).decode()
+        forms |= {encoded, encoded.rstrip("=")}
+    return sorted(forms, key=len, reverse=True)
+
+
+def scrub(doc: Any, secrets: Iterable[str]) -> Any:
+    """`doc` (JSON-like) with each secret (exact and base64) and anything shaped like a
+    provider key replaced by [redacted], in keys and values at any depth."""
+    forms = [form for secret in secrets if secret for form in secret_forms(secret)]
+
+    def text(value: str) -> str:
+        for form in forms:
+            value = value.replace(form, REDACTED)
+        return KEY_SHAPES.sub(REDACTED, value)
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, str):
+            return text(node)
+        if isinstance(node, dict):
+            return {text(str(k)): walk(v) for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(doc)
+
+
+# --- provider answers (pure) -----------------------------------------------------------------
+
+
+def sse_events(text: str) -> list[Any]:
+    """The `data` of each server-sent event (JSON-decoded where it is JSON); comments and
+    OpenAI's closing `[DONE]` are left out."""
+    events: list[Any] = []
+    for block in re.split(r"\r?\n\r?\n", text):
+        data = "\n".join(line[5:].removeprefix(" ") for line in block.splitlines()
+                         if line.startswith("data:"))
+        if not data or data == "[DONE]":
+            continue
+        try:
+            events.append(json.loads(data))
+        except ValueError:
+            events.append(data)
+    return events
+
+
+def read_answer(content_type: str, raw: bytes) -> tuple[bool, Any]:
+    """(streamed, answer): SSE as its events, JSON decoded, anything else as text."""
+    text = raw.decode("utf-8", "replace")
+    if content_type.lower().startswith("text/event-stream"):
+        return True, sse_events(text)
+    try:
+        return False, json.loads(text)
+    except ValueError:
+        return False, text
+
+
+def error_parts(answer: Any) -> tuple[str | None, str]:
+    """(code, message) of an error answer in any shape the broker or a provider uses:
+    OpenAI and Anthropic `{"error": {"code", "message"}}`, Google `{"error": {"message",
+    "reason"}}`, Jina and Voyage `{"detail", "code"}`."""
+    if isinstance(answer, dict):
+        inner = answer.get("error")
+        err = inner if isinstance(inner, dict) else answer
+        code = err.get("reason", err.get("code"))
+        message = err.get("message", err.get("detail"))
+        if isinstance(message, str):
+            return (code if isinstance(code, str) else None), message
+    return None, (answer if isinstance(answer, str) else json.dumps(answer))[:2000]
+
+
+# --- the tools -------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    raise ToolError(message)
+
+
+class Tools:
+    """The four tools over one daemon connection, as one consumer."""
+
+    def __init__(self, client: BrokerClient | None, token: str | None,
+                 refusal: str | None = None) -> None:
+        self._client = client
+        self._token = token
+        self._refusal = refusal  # why every tool is refused, or None
+        self._consumer = "this consumer"  # learned from the first audited call
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Tools:
+        """The token from SECRET_BROKER_TOKEN or _FILE; the daemon from SECRET_BROKER_URL,
+        else the home's `[broker] listen`. A problem refuses every tool, naming the fix."""
+        try:
+            token = _token_from(environ)
+            if token is None or not token.startswith("sbc_"):
+                kind = ("no consumer token is set" if token is None
+                        else "the token it was given is not a consumer token (sbc_...)")
+                return cls(None, None, (
+                    f"every tool is refused: {kind}. The owner must set SECRET_BROKER_TOKEN "
+                    "(or SECRET_BROKER_TOKEN_FILE) in this MCP server's environment to a "
+                    "consumer token made with `secret-broker token create --consumer NAME`; "
+                    "the owner's bootstrap token is never used here."))
+            url = environ.get("SECRET_BROKER_URL") or (
+                "http://" + load_config(Home.from_env(dict(environ))).listen)
+        except BrokerError as exc:
+            return cls(None, None, "every tool is refused until the owner fixes this MCP "
+                                   f"server's environment: {exc.message}")
+        client = BrokerClient.from_env(
+            {"SECRET_BROKER_URL": url, "SECRET_BROKER_TOKEN": token}, timeout=CALL_TIMEOUT_SECS)
+        return cls(client, token)
+
+    async def list_secrets(self) -> dict[str, Any]:
+        return await self._run("list_secrets", self._list_secrets)
+
+    async def explain_access(self, secret_ref: str, purpose: str) -> dict[str, Any]:
+        return await self._run("explain_access", lambda c: dict(c.request(
+            "POST", "/v1/explain", {"secret_ref": secret_ref, "purpose": purpose})))
+
+    async def call_provider(self, provider: str, path: str,
+                            body: dict[str, Any]) -> dict[str, Any]:
+        return await self._run("call_provider",
+                               lambda c: self._call_provider(c, provider, path, body))
+
+    async def usage(self) -> dict[str, Any]:
+        return await self._run("usage", lambda c: dict(c.request("GET", "/v1/usage")))
+
+    async def _run(self, tool: str,
+                   work: Callable[[BrokerClient], dict[str, Any]]) -> dict[str, Any]:
+        """Refuse without a consumer token; record the call (no audit, no action); do the
+        work off the event loop; scrub whatever goes back, errors included."""
+        if self._client is None:
+            _fail(self._refusal or "every tool is refused")
+        client = self._client
+        try:
+            recorded = await asyncio.to_thread(client.request, "POST", "/v1/mcp/tool-called",
+                                               {"tool": tool})
+        except BrokerError as exc:
+            # Calls are recorded before they are made; unrecorded, nothing is done.
+            self._fail_scrubbed(f"the call was not made: {exc.message}", exc.code)
+        self._consumer = str(recorded.get("consumer") or self._consumer)
+        try:
+            result = await asyncio.to_thread(work, client)
+        except BrokerError as exc:
+            self._fail_scrubbed(exc.message, exc.code)
+        return dict(scrub(result, [self._token or ""]))
+
+    def _fail_scrubbed(self, message: str, code: str) -> NoReturn:
+        if code in ("grant_denied", "host_not_allowed"):
+            message += "; " + _GRANT_HINT.format(consumer=self._consumer)
+        elif code == "unauthorized":
+            message += "; " + _REISSUE_HINT
+        _fail(scrub(message, [self._token or ""]))
+
+    def _list_secrets(self, client: BrokerClient) -> dict[str, Any]:
+        doc = client.request("GET", "/v1/grants")
+        secrets: dict[str, dict[str, Any]] = {}
+        for grant in doc["grants"]:
+            entry = secrets.setdefault(grant["secret_ref"], {
+                "ref": grant["secret_ref"], "provider": grant["provider"],
+                "kind": grant["kind"], "stored": grant["exists"],
+                "purposes": [], "deliveries": [], "hosts": []})
+            for key, field in (("purposes", "purposes"), ("deliveries", "delivery"),
+                               ("hosts", "allowed_hosts")):
+                entry[key] += [v for v in grant[field] if v not in entry[key]]
+        return {"consumer": doc["consumer"], "secrets": list(secrets.values())}
+
+    @staticmethod
+    def _call_provider(client: BrokerClient, provider: str, path: str,
+                       body: dict[str, Any]) -> dict[str, Any]:
+        path = path.lstrip("/")
+        if not _PROVIDER.fullmatch(provider):
+            raise BrokerError(f"unknown provider {provider[:64]!r}: use a name such as openai, "
+                              "google, jina or voyage", code="invalid_request")
+        if not _ROUTE_PATH.fullmatch(path):
+            raise BrokerError("path must be a provider route such as v1/chat/completions "
+                              "(URL characters only, no spaces)", code="invalid_request")
+        status, headers, raw = client.exchange(
+            "POST", f"/proxy/{provider}/{path}", json.dumps(body).encode(),
+            {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+            limit=MAX_ANSWER_BYTES + 1)
+        cut = len(raw) > MAX_ANSWER_BYTES
+        streamed, answer = read_answer(headers.get("content-type", ""), raw[:MAX_ANSWER_BYTES])
+        if status >= 400:
+            code, message = error_parts(answer)
+            raise BrokerError(f"{provider} answered HTTP {status}"
+                              + (f" ({code})" if code else "") + f": {message}",
+                              code=code or "upstream_error")
+        doc: dict[str, Any] = {"status": status, "streamed": streamed, "answer": answer}
+        if cut:
+            doc["note"] = (f"the answer was longer than {MAX_ANSWER_BYTES} bytes and was cut "
+                           "there; ask for less (e.g. max_tokens, fewer inputs)")
+        return doc
+
+
+def _token_from(environ: Mapping[str, str]) -> str | None:
+    token = environ.get("SECRET_BROKER_TOKEN")
+    path = environ.get("SECRET_BROKER_TOKEN_FILE")
+    if token or not path:
+        return token or None
+    check_private(Path(path))
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BrokerError(f"cannot read SECRET_BROKER_TOKEN_FILE {path}: "
+                          f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+
+
+def serve(environ: Mapping[str, str]) -> int:
+    """Run the stdio server until the host closes it."""
+    try:
+        from mcp.server.mcpserver import MCPServer
+        from mcp.types import ToolAnnotations
+    except ImportError:
+        raise BrokerError("`secret-broker mcp` needs the MCP SDK: "
+                          "pip install 'secret-broker[mcp]'") from None
+    tools = Tools.from_env(environ)
+    server: MCPServer[Any] = MCPServer("secret-broker", version=__version__,
+                                       instructions=INSTRUCTIONS)
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+    calls_out = ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                idempotent_hint=False, open_world_hint=True)
+    for name, fn, hints in (("list_secrets", tools.list_secrets, read_only),
+                            ("explain_access", tools.explain_access, read_only),
+                            ("call_provider", tools.call_provider, calls_out),
+                            ("usage", tools.usage, read_only)):
+        server.add_tool(fn, name=name, description=DESCRIPTIONS[name], annotations=hints)
+    server.run("stdio")
+    return 0

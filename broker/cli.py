@@ -114,7 +114,10 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     metas = _service(args).list_secrets()
-    if args.json:
+    if args.refs:  # for shell completion: names from metadata.db only; never unlocks
+        for meta in metas:
+            print(meta.ref)
+    elif args.json:
         _print_json({"secrets": [m.as_json() for m in metas]})
     elif metas:
         _print_table(_meta_rows(metas), _META_HEADER)
@@ -341,6 +344,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status(Home.from_env(), as_json=args.json)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from broker.client import BrokerClient
+
+    doc = BrokerClient(socket_path=Home.from_env().socket).request("POST", "/v1/admin/ui/code")
+    if not args.print and _open_browser(doc["url"]):
+        note = "opened the dashboard in your browser; its login link works once"
+    else:
+        print(doc["url"])
+        note = "open this link in a browser on this machine; it works once"
+    print(f"{note}, until {doc['expires_at']}", file=sys.stderr)
+    return 0
+
+
+def _open_browser(url: str) -> bool:
+    """A graphical browser where there is a display (a console one would take the terminal)."""
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
+
+
 def cmd_token_rotate(args: argparse.Namespace) -> int:
     _service(args).rotate_token()
     print("rotated the bootstrap token; the old one no longer works "
@@ -384,7 +413,82 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from broker.export import export_home, read_passphrase
+
+    write = _inject_target(args)  # a terminal or an existing file is refused before any read
+    svc = _service(args)
+    passphrase = read_passphrase(os.environ, confirm=True) if args.passphrase else None
+    data, manifest = export_home(svc, recipients=args.to or [], passphrase=passphrase,
+                                 with_grants=args.with_grants)
+    write(data)
+    carried = [k for k in ("grants", "profiles") if getattr(manifest, k) is not None]
+    print(f"exported {len(manifest.secrets)} secret(s)"
+          + (f" and {' and '.join(carried)}" if carried else "")
+          + f" to {args.output or 'the output'}", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from broker.export import import_home, open_export, read_export
+
+    svc = _service(args)
+    blob, source = read_export(args.file)
+    manifest = open_export(blob, source, env=os.environ,
+                           identity=None if args.identity is None else Path(args.identity))
+    done = import_home(svc, manifest, replace=args.replace, with_grants=args.with_grants)
+    print(f"imported {len(done.secrets)} secret(s) into the {svc.backend} store"
+          + "".join(f"\n  @{m.ref} (version {m.version})" for m in done.secrets))
+    for path in done.files:
+        print(f"restored {path}")
+    if done.left_out:
+        print(f"the export also carries {' and '.join(done.left_out)}; add --with-grants "
+              "to restore them", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from broker import doctor
+
+    home = Home.from_env()
+    home.require()
+    for done in doctor.fix_modes(home) if args.fix else []:
+        print(f"fixed: {done}", file=sys.stderr)
+    findings = sorted(doctor.run(doctor.Scene(home)), key=lambda f: f.severity != "error")
+    errors = [f for f in findings if f.severity == "error"]
+    if args.json:
+        _print_json({"errors": [f.as_json() for f in errors],
+                     "warnings": [f.as_json() for f in findings if f.severity == "warning"]})
+    else:
+        for f in findings:
+            print(f"{f.severity}: {f.check}: {f.message}\n    fix: {f.fix}")
+        print(f"{len(errors)} error(s), {len(findings) - len(errors)} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from broker.mcp_server import serve
+
+    return serve(os.environ)
+
+
+def cmd_completions(args: argparse.Namespace) -> int:
+    from broker.completions import render
+
+    sys.stdout.write(render(args.shell, build_parser()))
+    return 0
+
+
 # --- parsing --------------------------------------------------------------------------------
+
+
+def _add_output_options(sp: argparse.ArgumentParser) -> None:
+    """-o FILE | --out-fd N, and --force: the targets `_inject_target` writes to."""
+    target = sp.add_mutually_exclusive_group()
+    target.add_argument("-o", "--output", metavar="FILE",
+                        help="created 0600 via a temp file; an existing file needs --force")
+    target.add_argument("--out-fd", type=int, metavar="N", help="write to this open descriptor")
+    sp.add_argument("--force", action="store_true", help="replace an existing -o FILE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("list", cmd_list, "list secrets (metadata only)")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--refs", action="store_true", help=argparse.SUPPRESS)
 
     sp = command("inspect", cmd_inspect, "show one secret's metadata")
     sp.add_argument("ref")
@@ -435,11 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("inject", cmd_inject,
                  "render ${{ secrets.NAME }} and {{ @ref }} in a template to a file, fd or pipe")
     sp.add_argument("-i", "--input", required=True, metavar="TEMPLATE")
-    target = sp.add_mutually_exclusive_group()
-    target.add_argument("-o", "--output", metavar="FILE",
-                        help="created 0600 via a temp file; an existing file needs --force")
-    target.add_argument("--out-fd", type=int, metavar="N", help="write to this open descriptor")
-    sp.add_argument("--force", action="store_true", help="replace an existing -o FILE")
+    _add_output_options(sp)
 
     sp = command("audit", cmd_audit, "show the audit trail; `audit verify` checks its chain")
     sp.add_argument("ref", nargs="?", help="@ref to filter by, or `verify`")
@@ -483,6 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("status", cmd_status, "show whether the broker runs, and its state")
     sp.add_argument("--json", action="store_true")
 
+    sp = command("ui", cmd_ui, "open the dashboard in a browser with a one-time login link")
+    sp.add_argument("--print", action="store_true",
+                    help="print the link instead of opening a browser")
+
+    command("mcp", cmd_mcp, "serve the MCP tools over stdio for an agent (its consumer token "
+            "in SECRET_BROKER_TOKEN or SECRET_BROKER_TOKEN_FILE)")
+
     token = sub.add_parser("token", help="bootstrap and consumer tokens").add_subparsers(
         dest="token_command", required=True, metavar="SUBCOMMAND")
     command("rotate", cmd_token_rotate, "make a new bootstrap token; the old one stops working",
@@ -500,6 +608,38 @@ def build_parser() -> argparse.ArgumentParser:
                  token)
     sp.add_argument("id", nargs="?")
     sp.add_argument("--consumer")
+
+    sp = command("export", cmd_export,
+                 "write every secret to one age-encrypted file (-o FILE or a pipe)")
+    recipient = sp.add_mutually_exclusive_group(required=True)
+    recipient.add_argument("--to", action="append", metavar="AGE_RECIPIENT",
+                           help="encrypt to this age1... recipient (repeatable)")
+    recipient.add_argument("--passphrase", action="store_true",
+                           help="encrypt with a passphrase: SECRET_BROKER_EXPORT_PASSPHRASE_FILE, "
+                                "SECRET_BROKER_EXPORT_PASSPHRASE or a prompt")
+    sp.add_argument("--with-grants", action="store_true",
+                    help="carry secrets.grants.toml and profiles.toml too")
+    _add_output_options(sp)
+
+    sp = command("import", cmd_import, "store the secrets of an export in this home's store")
+    sp.add_argument("file", metavar="FILE", help="the export file, or - for stdin")
+    sp.add_argument("--identity", metavar="FILE",
+                    help="age identity file (AGE-SECRET-KEY-1...) for a recipient export")
+    sp.add_argument("--replace", action="store_true",
+                    help="overwrite refs (and, with --with-grants, files) that exist")
+    sp.add_argument("--with-grants", action="store_true",
+                    help="restore the grants and profiles files the export carries")
+
+    sp = command("check", cmd_check,
+                 "check the home: modes, files, grants, store, audit, tokens, daemon "
+                 "(exit 1 on an error)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--fix", action="store_true", help="repair file modes (nothing else)")
+
+    from broker.completions import SHELLS
+
+    sp = command("completions", cmd_completions, "print a shell completion script")
+    sp.add_argument("shell", choices=SHELLS)
     return p
 
 

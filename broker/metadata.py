@@ -151,7 +151,7 @@ class Metadata:
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         try:
             self._db.execute(
-                f"{verb} INTO secrets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant
+                f"{verb} INTO secrets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (meta.ref, meta.provider, meta.kind, meta.backend, meta.fingerprint,
                  meta.version, meta.created_at, meta.rotated_at, meta.last_used_at),
             )

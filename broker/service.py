@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import audit
 from broker.config import (
@@ -39,12 +39,13 @@ from broker.errors import (
     UnlockFailed,
     UsageError,
 )
-from broker.export import ExportedSecret
 from broker.metadata import Metadata, SecretMeta, TokenMeta
-from broker.profiles import Profile, denied, env_denials, find_profile, load_profiles
 from broker.store import KINDS, SecretStore, choose_backend, open_store, parse_ref
 from broker.usage import DIMENSIONS, UsageRow, group
-from grants import load_grants
+
+if TYPE_CHECKING:
+    from broker.export import ExportedSecret
+    from broker.profiles import Profile
 
 INSTANCE_KEY = "!instance-key"
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
@@ -199,12 +200,30 @@ class Service:
         ref = parse_ref(ref)
         _check_value(value)
         with self._writing():
-            old = self.metadata.get(ref)
+            old = self._settle_rotate(self.metadata.get(ref))
             version = old.version + 1
+            fingerprint = self.fingerprint(value)
             self.record("secret.rotated", secret_ref=ref, version=version)
+            # Noted before the store write: a crash between that write and the metadata
+            # update leaves the new value, which value() must still hand out (SPEC §3).
+            self.metadata.set_meta(f"rotating:{ref}", f"{version}:{fingerprint}")
             self.store.put(ref, value, version)
-            self.metadata.set_value_info(ref, self.fingerprint(value), version, audit.rfc3339())
+            self.metadata.set_value_info(ref, fingerprint, version, audit.rfc3339())
         return self.metadata.get(ref)
+
+    def _settle_rotate(self, meta: SecretMeta) -> SecretMeta:
+        """Record a rotate that was killed after its store write, before noting another."""
+        noted = self.metadata.get_meta(f"rotating:{meta.ref}") or ""
+        if not noted.startswith(f"{meta.version + 1}:"):
+            return meta
+        try:
+            fingerprint = self.fingerprint(self.store.get(meta.ref))
+        except BrokerError:
+            return meta  # unreadable: the rotate under way replaces it anyway
+        if not hmac.compare_digest(f"{meta.version + 1}:{fingerprint}", noted):
+            return meta  # killed before its store write: the store still holds `meta`'s value
+        self.metadata.set_value_info(meta.ref, fingerprint, meta.version + 1, audit.rfc3339())
+        return self.metadata.get(meta.ref)
 
     def remove(self, ref: str) -> SecretMeta:
         ref = parse_ref(ref)
@@ -229,7 +248,12 @@ class Service:
         ref = parse_ref(ref)
         meta = self.metadata.get(ref)  # no metadata is "not found", whatever the store has
         value = self.store.get(ref)
-        if not hmac.compare_digest(self.fingerprint(value), meta.fingerprint):
+        fingerprint = self.fingerprint(value)
+        # An interrupted rotate (the store holds the next version, metadata still this one)
+        # is not a rollback: accept exactly the value that rotate was writing.
+        interrupted = self.metadata.get_meta(f"rotating:{ref}") or ""
+        if not (hmac.compare_digest(fingerprint, meta.fingerprint) or hmac.compare_digest(
+                f"{meta.version + 1}:{fingerprint}", interrupted)):
             raise UnlockFailed(f"the stored value of @{ref} is not the one its metadata records "
                                "(restored from an old copy, or changed outside secret-broker); "
                                f"rotate @{ref} to fix it")
@@ -263,6 +287,10 @@ class Service:
         Deny by default: each refused ref is audited, then the launch is refused as a
         whole, naming the grants to add.
         """
+        # Imported here: a plain `exec` needs neither profiles nor the grants loader.
+        from broker.profiles import denied, env_denials, find_profile, load_profiles
+        from grants import load_grants
+
         profile = find_profile(load_profiles(self.home.profiles), name, self.home.profiles)
         denials = env_denials(profile, load_grants(self.home.grants))
         for ref, reason in denials.items():
@@ -276,6 +304,8 @@ class Service:
 
     def export_secrets(self) -> list[ExportedSecret]:
         """Every secret with its value; all are read, then each is audited `secret.exported`."""
+        from broker.export import ExportedSecret
+
         exported = [ExportedSecret(m.ref, m.provider, m.kind, m.version, m.created_at,
                                    m.rotated_at, self.value(m.ref)) for m in self.metadata.all()]
         for s in exported:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from broker import envelope
 from broker.config import Home, check_private, fsync_dir, write_private
-from broker.errors import NotInitialized, SecretNotFound, UnlockFailed, UsageError
+from broker.errors import BrokerError, NotInitialized, SecretNotFound, UnlockFailed, UsageError
 
 HEADER = "header.json"
 
@@ -157,24 +157,31 @@ def passphrase_source(env: Mapping[str, str]) -> Path | str | None:
 
 def read_passphrase(env: Mapping[str, str], *, confirm: bool = False) -> bytes:
     source = passphrase_source(env)
-    if isinstance(source, Path):
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UnlockFailed(
-                f"cannot read the passphrase file {source}: {exc.strerror}") from None
-        value = text[:-1] if text.endswith("\n") else text
-    elif source == "env":
-        value = env["SECRET_BROKER_PASSPHRASE"]
-    elif sys.stdin.isatty():
-        value = getpass.getpass("Vault passphrase: ")
-        if confirm and getpass.getpass("Repeat passphrase: ") != value:
-            raise UsageError("the two passphrases differ; nothing was created")
-    else:
-        raise UnlockFailed(
+    return obtain_passphrase(
+        source if isinstance(source, Path) else None, env.get("SECRET_BROKER_PASSPHRASE"),
+        label="vault passphrase", confirm=confirm, missing=UnlockFailed(
             "the file vault needs its passphrase: set SECRET_BROKER_PASSPHRASE_FILE (or a "
-            "systemd credential 'passphrase'), or run on a terminal to be prompted"
-        )
+            "systemd credential 'passphrase'), or run on a terminal to be prompted"),
+    ).encode("utf-8")
+
+
+def obtain_passphrase(path: Path | None, value: str | None, *, label: str, confirm: bool,
+                      missing: BrokerError) -> str:
+    """From a file (one trailing newline dropped), else a value from the environment, else
+    a prompt on the terminal (asked twice when `confirm`); `missing` when none is there.
+    Failures are raised as `missing`'s class."""
+    if path is not None:
+        try:
+            value = path.read_text(encoding="utf-8").removesuffix("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise type(missing)(f"cannot read the {label} file {path}: {why}") from None
+    elif not value:
+        if not sys.stdin.isatty():
+            raise missing
+        value = getpass.getpass(f"{label.capitalize()}: ")
+        if confirm and getpass.getpass(f"Repeat the {label}: ") != value:
+            raise UsageError("the two passphrases differ; nothing was done")
     if not value:
-        raise UnlockFailed("the vault passphrase is empty")
-    return value.encode("utf-8")
+        raise type(missing)(f"the {label} is empty")
+    return value

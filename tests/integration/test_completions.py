@@ -1,0 +1,104 @@
+"""Shell completion: the bash script sourced in a real bash completes commands, flags and refs
+(from metadata only, with the store locked); every script is generated from the parser."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker.cli import build_parser
+from broker.completions import command_tree
+from tests.conftest import CANARY, Cli
+
+BIN = Path(sys.executable).parent  # where `secret-broker` is installed beside this Python
+# Sourced in a non-interactive bash: the completion function reads COMP_LINE and COMP_POINT
+# (COMP_WORDS and COMP_CWORD are set as bash would, for completeness).
+DRIVE = """
+source "$1"
+COMP_LINE="$2"
+COMP_POINT=${#COMP_LINE}
+read -ra COMP_WORDS <<< "$COMP_LINE"
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+[[ $COMP_LINE == *" " ]] && COMP_CWORD=${#COMP_WORDS[@]}
+if [ -n "$3" ]; then COMP_WORDBREAKS="$3"; fi
+_secret_broker
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+
+def top_level_commands() -> list[str]:
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+@pytest.fixture
+def complete(cli: Cli) -> Callable[..., list[str]]:
+    """complete(line, wordbreaks="") -> COMPREPLY, from the script `completions bash` prints."""
+    assert (BIN / "secret-broker").exists(), "install the package: pip install -e ."
+    script = cli.home.parent / "secret-broker.bash"
+    script.write_text(cli.ok("completions", "bash"))
+    env = {**cli.env, "PATH": f"{BIN}{os.pathsep}{cli.env['PATH']}"}
+
+    def run(line: str, wordbreaks: str = "") -> list[str]:
+        proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", DRIVE, "drive",
+                               str(script), line, wordbreaks], capture_output=True, text=True,
+                              env=env, stdin=subprocess.DEVNULL, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        cli.outputs += [proc.stdout]
+        return [w for w in proc.stdout.split("\n") if w]
+
+    return run
+
+
+def test_bash_completes_commands_flags_and_refs(cli: Cli,
+                                               complete: Callable[..., list[str]]) -> None:
+    """A command from a prefix, a flag, a choice, and refs, with and without "@" breaking
+    words; no value appears anywhere."""
+    run = complete
+    cli.add("@openai_api_key", CANARY)
+    cli.add("@jina_api_key", CANARY + "-jina", provider="jina")
+    assert run("secret-broker ins") == ["inspect"]
+    assert run("secret-broker ") == top_level_commands()
+    assert run("secret-broker grants ex") == ["explain"]
+    assert run("secret-broker inspect --j") == ["--json"]
+    assert run("secret-broker init --backend ") == ["keychain", "file-vault"]
+    assert run("secret-broker inspect ") == ["@jina_api_key", "@openai_api_key"]
+    # readline splits at "@" by default, so only what follows it is completed
+    assert run("secret-broker rotate @op") == ["openai_api_key"]
+    assert run("secret-broker rotate @op", wordbreaks=" \t\n\"'><=;|&(:") == [
+        "@openai_api_key"]
+    assert run("secret-broker grants explain --secret @j") == ["jina_api_key"]
+    assert CANARY not in "\n".join(cli.outputs)
+
+
+def test_refs_complete_while_the_store_is_locked(cli: Cli,
+                                                 complete: Callable[..., list[str]]) -> None:
+    """With the vault's key file gone (the store cannot unlock), refs still complete."""
+    run = complete
+    cli.add("@openai_api_key", CANARY)
+    (cli.home / "vault.key").rename(cli.home.parent / "vault.key.away")
+    assert cli("exec", "--env", "V=@openai_api_key", "--", "true").returncode == 5
+    assert run("secret-broker remove ") == ["@openai_api_key"]
+    assert cli.ok("list", "--refs") == "openai_api_key\n"
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_every_script_is_generated_from_the_parser(cli: Cli, shell: str) -> None:
+    """Each script's table holds every command path and option `build_parser()` defines, and
+    leaves out the hidden `list --refs`."""
+    script = cli.ok("completions", shell)
+    nodes = command_tree(build_parser())
+    assert {"export", "import", "check", "grants explain", "token revoke"} <= {
+        n.path for n in nodes}
+    for node in nodes:
+        assert f"'{node.path}'" in script
+        assert f"'{' '.join(node.options)}'" in script
+    assert "--refs'" not in script  # not offered in any table
+    assert "list --refs 2>/dev/null" in script  # how refs are fetched: metadata only

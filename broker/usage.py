@@ -124,11 +124,11 @@ class UsageTap:
                 return
             line = bytes(self._buffer[:end]).strip()
             del self._buffer[: end + 1]
-            if line.startswith(b"data:"):
+            if line.startswith(b"data:") and b"usage" in line:  # most events carry none
                 self._parse(line[5:])
 
     def _parse(self, data: bytes) -> None:
-        if not data.strip() or data.strip() == b"[DONE]":
+        if b"usage" not in data:  # every format's usage fields are named usage…
             return
         try:
             doc = json.loads(data)

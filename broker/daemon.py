@@ -146,7 +146,7 @@ class BrokerState:
                 self.access.consumer_ended(token.consumer, f"token {token.token_id} ended")
 
     def secret_version(self, ref: str) -> int:
-        self.refresh()
+        # No refresh here: the auth middleware refreshed at the start of this request.
         found = self._secrets.get(ref)
         if found is None:
             raise SecretNotFound(f"no secret @{ref}; add it with `secret-broker add @{ref}`")
@@ -168,7 +168,6 @@ class BrokerState:
         """SPEC §7: the provider's configured secret_ref, else its one secret."""
         if provider.secret_ref is not None:
             return provider.secret_ref
-        self.refresh()
         refs = [r for r, (_v, p) in self._secrets.items() if p == provider.name]
         if len(refs) == 1:
             return refs[0]

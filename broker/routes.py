@@ -47,7 +47,9 @@ def normalise(raw: str) -> list[str]:
         raise RouteNotFound("encoded separators and escapes are not allowed in proxy paths")
     segments = [s for s in text.split("/") if s]
     for segment in segments:
-        if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
+        # ".." anywhere (not only as a whole segment): no route or model name needs it,
+        # and an upstream that normalises loosely must never see one.
+        if segment == "." or ".." in segment or not _SEGMENT.fullmatch(segment):
             raise RouteNotFound("the proxy path holds a dot segment or a character not allowed")
     return segments
 

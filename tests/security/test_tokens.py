@@ -1,0 +1,133 @@
+"""Tokens under attack: brute force, malformed tokens, rotation, consumer spoofing."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+from broker.client import BrokerClient
+from tests.conftest import Cli, scan
+from tests.security.conftest import Broker, exchange, launch, parse
+from tests.support.standins import StandIn
+
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def throttled(broker: Broker) -> list[dict[str, Any]]:
+    """The daemon's `auth.throttled` log events, in order."""
+    return [json.loads(line) for line in broker.log().splitlines() if '"auth.throttled"' in line]
+
+
+def test_brute_force_is_audited_and_slowed_across_every_loopback_address(broker: Broker) -> None:
+    """Wrong tokens from many 127/8 addresses are audited and slowed as one; owners never wait."""
+    # No timing: the daemon logs each delay it imposes (`auth.throttled`), so the test reads
+    # the sequence: 5 free failures, then 10 ms doubling; the owner's requests add nothing.
+    for i in range(12):
+        reply = broker.http("GET", "/v1/health", token=f"sbt_guess{i}", source=f"127.0.0.{2 + i}")
+        assert (reply.status, reply.code) == (401, "unauthorized")
+        if i == 8:  # deep in the slowed phase: the owner is not held back, nor counted
+            before = len(throttled(broker))
+            assert broker.http("GET", "/v1/health", source="127.0.0.10").status == 200
+            assert broker.post("openai", "v1/embeddings").status == 200
+            assert len(throttled(broker)) == before
+    assert [t["delay_ms"] for t in throttled(broker)] == [10, 20, 40, 80, 160, 320, 640]
+    failed = broker.events("auth.failed")
+    assert [e["peer"] for e in failed] == [f"127.0.0.{2 + i}" for i in range(12)]
+    assert {e["reason"] for e in failed} == {"invalid"}
+    assert not scan([broker.log(), json.dumps(failed)], *(f"sbt_guess{i}" for i in range(12)))
+
+
+def test_malformed_tokens_are_401_audited_never_500(broker: Broker) -> None:
+    """Non-UTF-8 bytes, a bare scheme, other schemes and near-misses are plain 401s."""
+    port, good = broker.port, broker.token.encode()
+    variants = [b"Bearer \xff\xfe\xfd", b"Bearer " + good[:-1] + b"\xe9", b"Bearer",
+                b"Basic " + good, b"Token " + good, b"Bearer " + good + b"x",
+                b"Bearer " + good[:-1], b"Bearer x" + good, b"sbt_"]
+    for value in variants:
+        reply = parse(exchange(port, b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + value + b"\r\nConnection: close\r\n\r\n"))
+        assert (reply.status, reply.code) == (401, "unauthorized"), value
+    assert len(broker.events("auth.failed")) == len(variants)
+    lower = parse(exchange(port, b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Authorization: bearer " + good + b"\r\nConnection: close\r\n\r\n"))
+    assert lower.status == 200  # the scheme is case-insensitive, the token is not
+    assert "Traceback" not in broker.log()
+
+
+def test_rotation_ends_the_old_token_at_once_even_on_an_open_connection(broker: Broker) -> None:
+    """`token rotate` ends the old token at once, even on an open keep-alive connection."""
+    old = broker.token
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
+
+    def get(path: str, token: str, body: bytes | None = None) -> int:
+        conn.request("POST" if body else "GET", path, body=body,
+                     headers={"Authorization": f"Bearer {token}",
+                              "Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    assert get("/v1/health", old) == 200
+    assert conn.sock is not None
+    local = conn.sock.getsockname()
+    broker.cli.ok("token", "rotate")
+    assert get("/v1/health", old) == 401
+    assert get("/proxy/openai/v1/embeddings", old, b'{"model":"m","input":"a"}') == 401
+    new = (broker.cli.home / "broker.token").read_text().strip()
+    assert new != old and get("/v1/health", new) == 200
+    assert conn.sock is not None and conn.sock.getsockname() == local  # one connection
+    conn.close()
+    assert broker.upstream_count() == 0
+    assert [e["event"] for e in broker.events()][-3:] == ["token.rotated", "auth.failed",
+                                                          "auth.failed"]
+
+
+def test_consumer_spoofing_gains_nothing_a_grant_does_not_give(cli: Cli,
+                                                               standins: dict[str, StandIn]
+                                                               ) -> None:
+    """A named or spoofed consumer gets exactly its own grants; a consumer token names no other."""
+    openai = standins["openai"]
+    grants = (f'[[grants]]\nsecret_ref = "openai_api_key"\nconsumer = "agent-a"\n'
+              f'purposes = ["llm.chat"]\ndelivery = ["http_header_inject"]\n'
+              f'allowed_hosts = ["{openai.host}"]\nttl_secs = 300\n')
+    b = launch(cli, {"openai": openai}, grants=grants)
+
+    def chat(*headers: tuple[str, str],
+             token: str = "owner") -> tuple[int, str | None]:  # noqa: S107 - which token
+        reply = b.post("openai", "v1/chat/completions", CHAT, headers=headers, token=token)
+        return reply.status, reply.code
+
+    try:
+        assert chat(("X-Broker-Consumer", "agent-a")) == (200, None)
+        assert chat() == (403, "grant_denied")  # default has no grant
+        assert b.post("openai", "v1/embeddings", headers=[("X-Broker-Consumer", "agent-a")]
+                      ).status == 403  # agent-a may chat, not embed
+        for name in ("AGENT-A", "agent-a.", "agent-b"):
+            assert chat(("X-Broker-Consumer", name)) == (403, "grant_denied"), name
+        for name in ("agent-a,default", "agent a", "", "a" * 129):
+            assert chat(("X-Broker-Consumer", name)) == (400, "invalid_request"), name
+        assert chat(("X-Broker-Consumer", "agent-a"),
+                    ("X-Broker-Consumer", "default")) == (400, "invalid_request")
+        raw = parse(exchange(b.port, b"POST /proxy/openai/v1/chat/completions HTTP/1.1\r\n"
+                             b"Host: 127.0.0.1\r\nAuthorization: Bearer " + b.token.encode()
+                             + b"\r\nX-Broker-Consumer: agent\xe2\x80\x90a\r\nContent-Length: "
+                             + str(len(CHAT)).encode() + b"\r\nConnection: close\r\n\r\n" + CHAT))
+        assert (raw.status, raw.code) == (400, "invalid_request")  # a Unicode hyphen
+        native = b.http("POST", "/v1/leases", headers=[("X-Broker-Consumer", "agent-a")],
+                        body=b'{"secret_ref": "openai_api_key", "purpose": "llm.chat", '
+                             b'"delivery": "native"}')
+        assert (native.status, native.code) == (403, "grant_denied")
+        assert "value" not in native.json()
+        owner = BrokerClient(socket_path=cli.home / "run" / "broker.sock")
+        agent = owner.request("POST", "/v1/admin/tokens", {"consumer": "agent-a"})["token"]
+        assert chat(token=agent) == (200, None)
+        assert chat(("X-Broker-Consumer", "agent-a"), token=agent) == (200, None)
+        assert chat(("X-Broker-Consumer", "default"), token=agent) == (403, "consumer_mismatch")
+        admin = b.http("GET", "/v1/admin/secrets", token=agent)
+        assert (admin.status, admin.code) == (403, "owner_only")
+        assert len(openai.requests) == 3  # exactly the three granted chats
+        served = [e for e in b.events("proxy.request") if e.get("status") == 200]
+        assert [e["consumer"] for e in served] == ["agent-a"] * 3
+    finally:
+        b.stop()

@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from broker.errors import Unauthorized
 
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # "owner": the bootstrap token or the Unix socket
+    kind: str  # "owner": the bootstrap token or the Unix socket; "consumer"; "session"
     via: str  # "unix" | "tcp"
     consumer: str | None = None  # fixed by a consumer token; None = the caller may name one
     token_id: str | None = None
@@ -49,8 +50,17 @@ class ConsumerToken:
     daily_tokens: int | None = None
 
 
+class Sessions(Protocol):
+    """The dashboard's sessions (`broker.ui.Logins`), looked up by token hash."""
+
+    def touch(self, digest: str) -> bool:
+        """Is the session with this token hash live? Using it counts as activity."""
+        ...
+
+
 class Authenticator:
-    """Maps a presented token to a Principal: the bootstrap token, or a consumer token.
+    """Maps a presented token to a Principal: the bootstrap token, a consumer token, or
+    (on the dashboard's API only, and nothing else there) a dashboard session token.
 
     Consumer tokens are looked up by their SHA-256, so the table holds no token and a
     lookup reveals nothing an attacker could time; the bootstrap token is compared with
@@ -63,6 +73,7 @@ class Authenticator:
         self._signature: tuple[int, int] | None = None
         self._token = b""
         self.consumer_tokens: Mapping[str, ConsumerToken] = {}
+        self.sessions: Sessions | None = None
 
     def _bootstrap(self) -> bytes:
         try:
@@ -75,17 +86,26 @@ class Authenticator:
             self._token, self._signature = b"", None
         return self._token
 
-    def authenticate(self, presented: str | None, via: str) -> Principal:
+    def authenticate(self, presented: str | None, via: str, *,
+                     dashboard: bool = False) -> Principal:
+        """`dashboard`: the request is for /ui/api/, where the owner's way in is a session
+        (a consumer token still authenticates there, to be refused as `owner_only`)."""
         if presented is None:
-            if via == "unix":  # protected by the socket's 0600 mode in a 0700 directory
+            if via == "unix" and not dashboard:  # the socket's 0600 mode in a 0700 directory
                 return Principal("owner", via)
             raise Unauthorized("missing broker token: send Authorization: Bearer <token>")
         # Header bytes that are not UTF-8 arrive as surrogates: compare them, never crash.
         raw = presented.encode("utf-8", "surrogateescape")
         expected = self._bootstrap()
         if expected and hmac.compare_digest(raw, expected):
+            if dashboard:
+                raise Unauthorized("the dashboard's API takes a session token: open it with "
+                                   "`secret-broker ui`")
             return Principal("owner", via)
-        known = self.consumer_tokens.get(hashlib.sha256(raw).hexdigest())
+        digest = hashlib.sha256(raw).hexdigest()
+        if dashboard and self.sessions is not None and self.sessions.touch(digest):
+            return Principal("session", via)
+        known = self.consumer_tokens.get(digest)
         if known is None:
             raise Unauthorized("invalid broker token")
         if known.revoked:

@@ -1,0 +1,240 @@
+"""The dashboard (SPEC §12): a loopback page for the owner, safe against every other local page.
+
+- The page is static (`broker/ui/`): it holds no data, so loading it needs no token.
+- `secret-broker ui` asks the daemon over the Unix socket for a one-time login code
+  (`POST /v1/admin/ui/code`, owner only); the page trades it at `POST /ui/api/session`
+  for a session token (`sbs_…`). Codes and sessions live in this process only, as SHA-256.
+- `/ui/api/…` are the admin routes of §11 and the lease routes, mounted again; there only
+  a session token works, and a session token works nowhere else (`Authenticator`).
+- `refusal()` is the guard every `/ui/` request passes before authentication.
+
+No cookies: browsers send loopback cookies to every local port, so any local page could
+ride them. The session token lives in the tab's `sessionStorage` and goes in a header that
+no other page can make the browser send.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.resources import files
+
+from aiohttp import web
+from multidict import MultiMapping
+
+# The daemon imports this module for its guard; take the module, not names from it, so
+# either module may be imported first.
+from broker import daemon
+from broker.audit import rfc3339
+from broker.auth import presented_token
+from broker.errors import Unauthorized, UsageError
+from broker.service import new_token, token_hash
+
+PREFIX = "/ui/"
+API = "/ui/api/"
+SESSION = "/ui/api/session"
+CODE = "/v1/admin/ui/code"
+SESSION_PREFIX = "sbs_"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+ASSETS = {  # path under /ui/ -> (file in broker/ui/, content type)
+    "": ("index.html", "text/html"),
+    "app.js": ("app.js", "text/javascript"),
+    "style.css": ("style.css", "text/css"),
+    "icon.svg": ("icon.svg", "image/svg+xml"),
+}
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    # Beyond §12: no other page may embed a /ui/ response, nor keep a handle on our window.
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+# --- the guard (pure) -------------------------------------------------------------------------
+
+
+def refusal(method: str, path: str, headers: MultiMapping[str],
+            port: int) -> tuple[str, str] | None:
+    """Why a `/ui/` request is refused, as (code, message), or None to let it through.
+
+    The browser says where a request comes from (`Origin`, `Sec-Fetch-Site`); another
+    local page, even on another loopback port, is "same-site" but never "same-origin".
+    A header sent twice is refused: which copy would a proxy or a parser believe?
+    """
+    hosts = headers.getall("Host", [])
+    host = hosts[0].lower() if len(hosts) == 1 else ""
+    if host not in {f"{name}:{port}" for name in LOOPBACK_NAMES}:
+        return ("host_header_refused",
+                f"the dashboard answers only to Host 127.0.0.1:{port} or localhost:{port}")
+    origins = headers.getall("Origin", [])
+    if origins and origins != [f"http://{host}"]:
+        return ("origin_not_allowed", "the dashboard answers only its own page (Origin)")
+    site = headers.getall("Sec-Fetch-Site", [])
+    if site in ([], ["same-origin"]):
+        return None
+    # Typed into the address bar or opened by `secret-broker ui`: only the page itself.
+    if (site == ["none"] and method == "GET" and not path.startswith(API)
+            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]):
+        return None
+    return ("origin_not_allowed", "the dashboard answers only its own page (Sec-Fetch-Site)")
+
+
+def needs_no_token(method: str, path: str) -> bool:
+    """The page and its files hold no data; the login trades a code, not a token."""
+    if path.startswith(API):
+        return method == "POST" and path == SESSION
+    return path.startswith(PREFIX)
+
+
+# --- login codes and sessions ---------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    started: float
+    last_used: float
+
+
+class Logins:
+    """One-time login codes and the sessions they open, in memory only, kept as SHA-256.
+
+    A code lives 60 s and opens one session; a session ends after 15 min unused or 8 h
+    after it started, whichever comes first.
+    """
+
+    CODE_TTL = 60.0
+    IDLE = 15 * 60.0
+    LIFETIME = 8 * 3600.0
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._codes: dict[str, float] = {}  # sha256(code) -> expires_at
+        self._sessions: dict[str, _Session] = {}  # sha256(token) -> session
+
+    def mint_code(self) -> tuple[str, float]:
+        """A new login code and when it expires."""
+        self._prune()
+        code = new_token("")
+        expires_at = self._clock() + self.CODE_TTL
+        self._codes[token_hash(code)] = expires_at
+        return code, expires_at
+
+    def redeem(self, code: str) -> tuple[str, float]:
+        """Trade a code (once) for a session token; return the token and its expiry."""
+        self._prune()
+        # pop: a code is spent by its first use, whatever happens next
+        if self._codes.pop(token_hash(code), None) is None:
+            raise Unauthorized("unknown, used or expired login code: run `secret-broker ui` "
+                               "for a new one")
+        token = new_token(SESSION_PREFIX)
+        now = self._clock()
+        session = self._sessions[token_hash(token)] = _Session(now, now)
+        return token, self._expiry(session)
+
+    def touch(self, digest: str) -> bool:
+        """Is the session with this token hash live? Using it counts as activity."""
+        session = self._sessions.get(digest)
+        now = self._clock()
+        if session is None or now >= self._expiry(session):
+            self._sessions.pop(digest, None)
+            return False
+        session.last_used = now
+        return True
+
+    def end(self, token: str) -> None:
+        self._sessions.pop(token_hash(token), None)
+
+    def _expiry(self, session: _Session) -> float:
+        return min(session.last_used + self.IDLE, session.started + self.LIFETIME)
+
+    def _prune(self) -> None:
+        now = self._clock()
+        self._codes = {h: t for h, t in self._codes.items() if now < t}
+        self._sessions = {h: s for h, s in self._sessions.items() if now < self._expiry(s)}
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+LOGINS: web.AppKey[Logins] = web.AppKey("logins", Logins)
+
+
+def own_origin(listen: str) -> str:
+    """`http://HOST:PORT` of the daemon's TCP listener (127.0.0.1 unless that is loopback)."""
+    host, _, port = listen.rpartition(":")
+    host = f"[{host}]" if ":" in host else host  # getsockname() gives IPv6 bare
+    return f"http://{host if host in LOOPBACK_NAMES else '127.0.0.1'}:{port}"
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+async def asset(request: web.Request) -> web.Response:
+    name, content_type = ASSETS[request.path.removeprefix(PREFIX)]
+    body = (files("broker") / "ui" / name).read_bytes()
+    return web.Response(body=body, content_type=content_type, charset="utf-8")
+
+
+async def mint_code(request: web.Request) -> web.Response:
+    """For `secret-broker ui` (owner only): a one-time code and the URL that carries it."""
+    state = request.app[daemon.STATE]
+    state.record("ui.code_issued")  # no audit, no code
+    code, expires_at = request.app[LOGINS].mint_code()
+    return web.json_response({"code": code, "expires_at": rfc3339(expires_at),
+                              "url": f"{own_origin(state.listen)}{PREFIX}#code={code}"})
+
+
+async def start_session(request: web.Request) -> web.Response:
+    """The page trades its login code (once) for a session token."""
+    state = request.app[daemon.STATE]
+    body = await daemon.json_body(request)
+    code = body.get("code")
+    if set(body) != {"code"} or not isinstance(code, str):
+        raise UsageError('send {"code": "…"}, the code from `secret-broker ui`')
+    try:
+        token, expires_at = request.app[LOGINS].redeem(code)
+    except Unauthorized:
+        state.record("auth.failed", reason="login_code", route=SESSION, status=401,
+                     peer=request.remote)
+        raise
+    state.record("ui.session_started", peer=request.remote)
+    return web.json_response({"token": token, "expires_at": rfc3339(expires_at)})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """Sign out: the session token stops working at once."""
+    token = presented_token(request.headers, ("authorization",))
+    if token is not None:  # always: the auth middleware let only a session token in
+        request.app[LOGINS].end(token)
+    request.app[daemon.STATE].record("ui.session_ended", peer=request.remote)
+    return web.json_response({"ended": True})
+
+
+async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every /ui/ response, errors and refusals included."""
+    if request.path.startswith(PREFIX):
+        response.headers.update(HEADERS)
+
+
+def mount(app: web.Application) -> None:
+    """The page, its login, the admin and lease routes under /ui/api, and the code route."""
+    from broker import admin  # admin imports daemon by name; daemon imports this module
+
+    logins = app[LOGINS] = Logins()
+    app[daemon.STATE].auth.sessions = logins
+    r = app.router
+    for path in ASSETS:
+        r.add_get(PREFIX + path, asset)
+    r.add_post(SESSION, start_session)
+    r.add_delete(SESSION, end_session)
+    r.add_post(CODE, mint_code)
+    admin.add_routes(app, API.rstrip("/"))
+    r.add_get(f"{API}leases", daemon.list_leases)
+    r.add_delete(f"{API}leases/{{lease_id}}", daemon.revoke_lease)
+    app.on_response_prepare.append(secure_headers)

@@ -644,8 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from grants.model import GrantsError
-
+    """Run one command; map the error hierarchy to exit codes (the only place that does)."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
@@ -653,13 +652,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokerError as exc:
         print(f"secret-broker: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except GrantsError as exc:
-        print(f"secret-broker: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("secret-broker: interrupted; nothing more was changed", file=sys.stderr)
         return 130
     except Exception as exc:
+        from grants.model import GrantsError  # here, so `exec` never pays for importing grants
+
+        if isinstance(exc, GrantsError):
+            print(f"secret-broker: error: {exc}", file=sys.stderr)
+            return 1
         if os.environ.get("SECRET_BROKER_DEBUG"):
             raise
         # The message may quote input; name only the type, and how to see more.

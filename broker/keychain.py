@@ -8,6 +8,7 @@ resolved backend differs from what one expects).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from broker.errors import KeychainUnavailable, SecretNotFound
@@ -30,6 +31,25 @@ def _qualname(backend: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _native_backends() -> list[Any]:
+    """This platform's own keychain, without importing every backend keyring knows
+    (`get_all_keyring()` costs ~170 ms, most of `exec`'s time on a keychain home)."""
+    import importlib
+
+    name = {"linux": "keyring.backends.SecretService.Keyring",
+            "darwin": "keyring.backends.macOS.Keyring",
+            "win32": "keyring.backends.Windows.WinVaultKeyring"}.get(sys.platform)
+    if name is None:
+        return []
+    module, _, cls = name.rpartition(".")
+    try:
+        backend = getattr(importlib.import_module(module), cls)()
+        backend.priority  # noqa: B018 - raises when this keychain cannot work here
+    except Exception:
+        return []
+    return [backend]
+
+
 def find_backend() -> Any:
     """The highest-priority trusted keychain that answers, or KeychainUnavailable."""
     try:
@@ -37,7 +57,7 @@ def find_backend() -> Any:
         from keyring.errors import KeyringError
     except ImportError as exc:  # pragma: no cover - keyring is a dependency
         raise KeychainUnavailable(f"the keyring library is missing ({exc}); {_FIX}") from None
-    candidates = [b for b in get_all_keyring() if _qualname(b) in _TRUSTED]
+    candidates = _native_backends() or [b for b in get_all_keyring() if _qualname(b) in _TRUSTED]
     if not candidates:
         raise KeychainUnavailable(f"no usable OS keychain answers on this machine; {_FIX}")
     backend = max(candidates, key=lambda b: b.priority)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import ipaddress
 import os
 import signal
@@ -76,6 +77,7 @@ class BrokerState:
         self.requests: Counter[str] = Counter()
         self.listen = ""
         self._data_version = -1
+        self._generation = -1
         self._secrets: dict[str, tuple[int, str]] = {}  # ref -> (version, provider)
         self._values: dict[str, tuple[int, str]] = {}  # ref -> (version, value), in memory only
         self._used: set[str] = set()
@@ -122,6 +124,10 @@ class BrokerState:
         if version == self._data_version and not force:
             return
         self._data_version = version
+        generation = self.service.metadata.generation()
+        if generation == self._generation and not force:
+            return  # a commit that touched neither secrets nor tokens
+        self._generation = generation
         fresh = {m.ref: (m.version, m.provider) for m in self.service.metadata.all()}
         for ref, (old, _provider) in self._secrets.items():
             new = fresh.get(ref)
@@ -629,6 +635,7 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            access_log=None, shutdown_timeout=30.0)
     await runner.setup()
+    gc.freeze()  # start-up objects live forever: keep them out of every collection
     for sock in socks:
         await web.SockSite(runner, sock, backlog=1024).start()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -11,8 +12,14 @@ PR_SET_DUMPABLE = 4
 
 
 def apply() -> None:
-    """No core dumps, and (Linux) no ptrace or /proc/<pid>/mem reads by same-user processes."""
+    """No core dumps, and (Linux) no ptrace or /proc/<pid>/mem reads by same-user processes.
+    Also lift the open-file soft limit to the hard one: each stream holds two sockets, and
+    systemd's default soft limit of 1,024 would silently cap the broker at ~500 streams."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    with contextlib.suppress(ValueError, OSError):  # keep what we have rather than fail
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)

@@ -48,6 +48,27 @@ CREATE TABLE IF NOT EXISTS usage (
     reasoning_tokens INTEGER,
     PRIMARY KEY (consumer, provider, model, route, day)
 );
+-- `generation` moves only when secrets or tokens change (not on last-used touches, audit
+-- checkpoints or usage flushes), so the daemon reloads them only when it must.
+CREATE TRIGGER IF NOT EXISTS secret_added AFTER INSERT ON secrets BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
+END;
+CREATE TRIGGER IF NOT EXISTS secret_removed AFTER DELETE ON secrets BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
+END;
+CREATE TRIGGER IF NOT EXISTS secret_changed AFTER UPDATE OF version, fingerprint ON secrets BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
+END;
+CREATE TRIGGER IF NOT EXISTS token_added AFTER INSERT ON tokens BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
+END;
+CREATE TRIGGER IF NOT EXISTS token_removed AFTER DELETE ON tokens BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
+END;
+CREATE TRIGGER IF NOT EXISTS token_changed
+    AFTER UPDATE OF revoked_at, expires_at, daily_tokens ON tokens BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
+END;
 CREATE TABLE IF NOT EXISTS token_usage (
     token_id TEXT NOT NULL,
     day TEXT NOT NULL,
@@ -113,6 +134,8 @@ class Metadata:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if self.get_meta("generation") is None:  # not in _SCHEMA: opening must not write
+            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')")
 
     def close(self) -> None:
         self._db.close()
@@ -120,6 +143,9 @@ class Metadata:
     def data_version(self) -> int:
         """Changes whenever another connection commits: a cheap "did anything change?"."""
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,7 +50,7 @@ class Provider:
     routes: tuple[Route, ...]
     add_headers: tuple[tuple[str, str], ...] = field(default=())  # only when the caller sent none
 
-    @property
+    @cached_property  # frozen, so computed once: it is asked on every proxied request
     def host(self) -> str:
         """What a grant's `allowed_hosts` must name: host, or host:port when the URL has one."""
         parts = urlsplit(self.base_url or "")

@@ -151,13 +151,11 @@ def denied(profile: Profile, denials: Mapping[str, str], grants_file: Path) -> D
 
 
 def grant_snippet(ref: str, consumer: str) -> str:
-    """A valid `[[grants]]` table giving `ref` to `consumer` as env (names are TOML-safe)."""
-    return (
-        "[[grants]]\n"
-        f'secret_ref = "{ref}"\n'
-        f'consumer = "{consumer}"\n'
-        'purposes = ["env"]             # required, not consulted for delivery "env"\n'
-        'delivery = ["env"]\n'
-        'allowed_hosts = ["localhost"]  # required, not consulted for delivery "env"\n'
-        "ttl_secs = 300\n"
-    )
+    """A valid `[[grants]]` table giving `ref` to `consumer` as env, written by tomli-w so
+    any name is quoted correctly."""
+    import tomli_w
+
+    table = {"secret_ref": ref, "consumer": consumer, "purposes": ["env"], "delivery": ["env"],
+             "allowed_hosts": ["localhost"], "ttl_secs": 300}
+    return ("# purposes and allowed_hosts are required, but not consulted for delivery env\n"
+            + tomli_w.dumps({"grants": [table]}))

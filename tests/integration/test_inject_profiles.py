@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from grants import parse_grants
 from tests.conftest import CANARY, CANARY_2, Cli, grant, scan, write_grants
 
 BRAVE = "brv-{{ @openai_api_key }}-" + uuid.uuid4().hex  # a value that looks like a template
@@ -313,9 +314,9 @@ def test_denied_profile_names_the_grant_to_add(cli: Cli, tmp_path: Path) -> None
     assert "profile 'web-search' was not launched" in err
     assert "@jina_api_key" in err and "@openai_api_key" not in err
     snippet = err.split(":\n\n", 1)[1]
-    assert snippet.startswith('[[grants]]\nsecret_ref = "jina_api_key"\n'
-                              'consumer = "web-search-plugin"\n')
-    assert 'delivery = ["env"]' in snippet
+    (suggested,) = parse_grants(snippet)
+    assert (suggested.secret_ref, suggested.consumer, suggested.delivery) == (
+        "jina_api_key", "web-search-plugin", ("env",))
     execs = events(cli, "--event", "secret.exec")
     assert [(e["secret_ref"], e["consumer"], e["outcome"]) for e in execs] == [
         ("jina_api_key", "web-search-plugin", "denied")]

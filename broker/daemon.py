@@ -159,6 +159,7 @@ class BrokerState:
         return found[0]
 
     def value(self, ref: str, version: int) -> str:
+        self._used.add(ref)  # last-used times are written in the background, once a second
         cached = self._values.get(ref)
         if cached is not None and cached[0] == version:
             return cached[1]
@@ -167,7 +168,6 @@ class BrokerState:
         except (SecretNotFound, UnlockFailed) as exc:
             raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
         self._values[ref] = (version, value)
-        self._used.add(ref)
         return value
 
     def secret_for(self, provider: Provider) -> str:

@@ -366,3 +366,17 @@ def test_no_key_or_token_in_logs_or_audit(gateway: Gateway) -> None:
     texts = [gateway.daemon.log(), (gateway.cli.home / "audit.log").read_text(),
              *gateway.cli.outputs]
     assert scan(texts, *(real_key(p) for p in PROVIDERS), gateway.daemon.token) == []
+
+
+def test_every_use_updates_last_used(gateway: Gateway) -> None:
+    """last_used_at moves with each proxied use, not only the first (cached) read."""
+    client = openai_client(gateway.root("openai"), gateway.daemon.token)
+
+    def last_used() -> str | None:
+        meta = json.loads(gateway.cli.ok("inspect", "@openai_api_key", "--json"))
+        return meta["last_used_at"]
+
+    client.embeddings.create(model="m", input="a")
+    first = wait_for(last_used, what="a first last-used time")
+    client.embeddings.create(model="m", input="a")
+    wait_for(lambda: (last_used() or "") > first, what="a later last-used time")

@@ -39,6 +39,7 @@ from broker.errors import (
     BrokerError,
     BudgetExceeded,
     Forbidden,
+    InsecureFile,
     NotFound,
     RouteNotFound,
     SecretNotFound,
@@ -165,7 +166,7 @@ class BrokerState:
             return cached[1]
         try:
             value = self.service.value(ref)  # refuses a value its metadata does not record
-        except (SecretNotFound, UnlockFailed) as exc:
+        except (SecretNotFound, UnlockFailed, InsecureFile) as exc:
             raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
         self._values[ref] = (version, value)
         return value

@@ -89,6 +89,9 @@ def init_home(home: Home, requested: str | None, environ: Mapping[str, str] | No
         config = load_config(home)
         return InitResult(home, config.backend, "this home already exists; nothing was changed",
                           created=False)
+    if home.root.exists() and not home.root.is_dir():
+        raise UsageError(f"{home.root} is not a directory; point SECRET_BROKER_HOME at a "
+                         "directory (it is created if missing)")
     choice = choose_backend(requested, environ)
     home.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home.root, 0o700)

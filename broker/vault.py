@@ -46,6 +46,7 @@ class FileVault:
 
     def get(self, ref: str) -> str:
         path = self._dir / _file_name(ref)
+        check_private(path)
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
@@ -94,6 +95,7 @@ def create_vault(home: Home, passphrase: bytes | None) -> str:
 def open_vault(home: Home, environ: Mapping[str, str] | None = None) -> FileVault:
     env = os.environ if environ is None else environ
     check_private(home.vault)
+    check_private(home.vault / HEADER)
     try:
         raw_header = (home.vault / HEADER).read_bytes()
     except FileNotFoundError:

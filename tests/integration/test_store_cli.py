@@ -562,3 +562,23 @@ def test_list_works_while_vault_is_locked(cli: Cli) -> None:
     assert "a" in cli.ok("list")
     assert json.loads(cli.ok("inspect", "@a", "--json"))["ref"] == "a"
     assert_one_line_error(cli("exec", "--env", "V=@a", "--", "true"), 5, "key file")
+
+
+def test_group_readable_vault_file_is_refused(cli: Cli) -> None:
+    """A vault file (not just the directory) readable by others is refused, naming chmod."""
+    cli.add("@k", CANARY)
+    path = next((cli.home / "vault").glob("s-k.sbv"))
+    path.chmod(0o640)
+    proc = cli("exec", "--env", "K=@k", "--", "true")
+    assert proc.returncode == 1 and f"chmod 600 {path}" in proc.stderr
+    path.chmod(0o600)
+    assert cli("exec", "--env", "K=@k", "--", "true").returncode == 0
+
+
+def test_init_on_a_file_is_a_clear_error(home: Path) -> None:
+    """SECRET_BROKER_HOME naming a file: exit 2 with a message, no traceback."""
+    home.parent.mkdir(exist_ok=True)
+    home.write_text("not a directory")
+    proc = Cli(home, base_env(home))("init", "--backend", "file-vault")
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal" not in proc.stderr

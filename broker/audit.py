@@ -12,6 +12,7 @@ metadata.db, so cutting lines off the end is caught.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -42,8 +43,15 @@ _MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 
 
 def rfc3339(t: float | None = None) -> str:
-    moment = datetime.fromtimestamp(time.time() if t is None else t, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """RFC 3339, UTC, milliseconds; the per-second prefix is cached (one call per event)."""
+    t = time.time() if t is None else t
+    second = int(t // 1)
+    return f"{_second_prefix(second)}{int((t - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_prefix(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def parse_rfc3339(text: str | None) -> float | None:
@@ -57,7 +65,7 @@ def line_hash(line: bytes) -> str:
 
 
 def _mac(key: bytes, body: bytes) -> str:
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac.digest(key, body, "sha256").hex()
 
 
 def seal(key: bytes, *, seq: int, prev: str, ts: str, event: str, actor: str,

@@ -6,6 +6,7 @@ is defence in depth for anything named like a credential or a body.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -18,11 +19,17 @@ _REDACT = ("authorization", "token", "value", "body", "password", "passphrase", 
 _ALLOWED = {"secret_ref", "token_id", "key_name", "lease_id"}
 
 
+@functools.lru_cache(maxsize=1024)
+def _redacted(name: str) -> bool:
+    """Whether a field of this name is redacted (log calls use a few fixed names: cached)."""
+    lowered = name.lower()
+    return name not in _ALLOWED and any(word in lowered for word in _REDACT)
+
+
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]
            ) -> MutableMapping[str, Any]:
     for name in list(event):
-        lowered = name.lower()
-        if name not in _ALLOWED and any(word in lowered for word in _REDACT):
+        if _redacted(name):
             event[name] = "[redacted]"
     return event
 

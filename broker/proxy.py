@@ -226,6 +226,11 @@ async def _forward(request: web.Request, state: BrokerState, url: URL,
         for name, value in upstream.headers.items():
             if name.lower() not in RESPONSE_DROP:
                 response.headers.add(name, value)
+        if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # As aiohttp's own Response does: headers go out with the first body bytes, one
+            # write and one wake-up less per request. Event streams keep the headers-first
+            # write, so a caller sees the response begin at once.
+            response._send_headers_immediately = False
         tap = None if usage_format is None else UsageTap(
             usage_format, upstream.headers.get("Content-Type", ""),
             upstream.headers.get("Content-Encoding"))

@@ -8,16 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli
-
-SPEC_EXAMPLE = """\
-[[grants]]
-secret_ref = "openai_api_key"
-consumer = "ugent-core"
-purposes = ["llm.chat", "llm.embeddings"]
-delivery = ["native", "http_header_inject"]
-allowed_hosts = ["api.openai.com"]
-ttl_secs = 300
-"""
+from tests.unit.test_grants_loader import SPEC_EXAMPLE
 
 
 def test_spec_example_prints_back(cli: Cli, tmp_path: Path) -> None:

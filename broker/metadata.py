@@ -48,27 +48,6 @@ CREATE TABLE IF NOT EXISTS usage (
     reasoning_tokens INTEGER,
     PRIMARY KEY (consumer, provider, model, route, day)
 );
--- `generation` moves only when secrets or tokens change (not on last-used touches, audit
--- checkpoints or usage flushes), so the daemon reloads them only when it must.
-CREATE TRIGGER IF NOT EXISTS secret_added AFTER INSERT ON secrets BEGIN
-    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
-END;
-CREATE TRIGGER IF NOT EXISTS secret_removed AFTER DELETE ON secrets BEGIN
-    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
-END;
-CREATE TRIGGER IF NOT EXISTS secret_changed AFTER UPDATE OF version, fingerprint ON secrets BEGIN
-    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
-END;
-CREATE TRIGGER IF NOT EXISTS token_added AFTER INSERT ON tokens BEGIN
-    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
-END;
-CREATE TRIGGER IF NOT EXISTS token_removed AFTER DELETE ON tokens BEGIN
-    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
-END;
-CREATE TRIGGER IF NOT EXISTS token_changed
-    AFTER UPDATE OF revoked_at, expires_at, daily_tokens ON tokens BEGIN
-    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation';
-END;
 CREATE TABLE IF NOT EXISTS token_usage (
     token_id TEXT NOT NULL,
     day TEXT NOT NULL,
@@ -76,6 +55,21 @@ CREATE TABLE IF NOT EXISTS token_usage (
     PRIMARY KEY (token_id, day)
 );
 """
+# `generation` moves only when secrets or tokens change (not on last-used touches, audit
+# checkpoints or usage flushes), so the daemon reloads them only when it must.
+_GENERATION_TRIGGERS = {
+    "secret_added": "INSERT ON secrets",
+    "secret_removed": "DELETE ON secrets",
+    "secret_changed": "UPDATE OF version, fingerprint ON secrets",
+    "token_added": "INSERT ON tokens",
+    "token_removed": "DELETE ON tokens",
+    "token_changed": "UPDATE OF revoked_at, expires_at, daily_tokens ON tokens",
+}
+_SCHEMA += "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {when} BEGIN UPDATE meta "  # noqa: S608
+    "SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'; END;\n"
+    for name, when in _GENERATION_TRIGGERS.items())  # S608: constant names, not input
+
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
 # NULL means "unknown": adding a known count to it starts from zero, adding NULL keeps it.
 _UPSERT_USAGE = (

@@ -53,7 +53,7 @@ from broker.metadata import Metadata
 from broker.providers import Provider, build_providers, error_body
 from broker.service import CONSUMER_RE, Service
 from broker.store import parse_ref
-from broker.usage import Budgets, Reservation, UsageBook
+from broker.usage import Budgets, Reservation, UsageBook, utc_day
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows
 
@@ -86,7 +86,7 @@ class BrokerState:
         self.tokens_used: set[str] = set()
         self.usage = UsageBook()
         self.budgets = Budgets()
-        self.budgets.used = service.metadata.token_spend(today())
+        self.budgets.used = service.metadata.token_spend(utc_day())
         self.audit_broken = False
         self.upstream: Any = None  # the pooled aiohttp ClientSession, made in proxy.start()
 
@@ -190,7 +190,7 @@ class BrokerState:
         """Hold `estimate` tokens of a consumer token's daily budget, or 429."""
         if principal.daily_tokens is None or principal.token_id is None:
             return None
-        reservation = self.budgets.reserve(principal.token_id, today(), principal.daily_tokens,
+        reservation = self.budgets.reserve(principal.token_id, utc_day(), principal.daily_tokens,
                                            estimate)
         if reservation is None:
             raise BudgetExceeded(
@@ -215,10 +215,6 @@ class BrokerState:
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def today() -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def via(request: web.Request) -> str:

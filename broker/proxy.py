@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker import routes
-from broker.daemon import STATE, BrokerState, consumer_of, today
+from broker.daemon import STATE, BrokerState, consumer_of
 from broker.errors import (
     BodyTooLarge,
     BrokerError,
@@ -34,7 +34,7 @@ from broker.errors import (
 )
 from broker.providers import Provider
 from broker.store import parse_ref
-from broker.usage import Reservation, Usage, UsageTap, estimate_tokens, request_model
+from broker.usage import Reservation, Usage, UsageTap, estimate_tokens, request_model, utc_day
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.proxy")
@@ -180,7 +180,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if reservation is not None:  # unknown usage from a reached upstream costs the estimate
             state.budgets.settle(reservation, usage.total if usage.known
                                  else (reservation.estimate if ex["status"] else 0))
-        state.usage.record(consumer, provider.name, ex["model"], m.route.path, today(), usage,
+        state.usage.record(consumer, provider.name, ex["model"], m.route.path, utc_day(), usage,
                            failed)
         state.record_safely(
             "proxy.request", consumer=consumer, purpose=m.route.purpose, provider=provider.name,

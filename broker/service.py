@@ -41,7 +41,7 @@ from broker.errors import (
 )
 from broker.metadata import Metadata, SecretMeta, TokenMeta
 from broker.store import KINDS, SecretStore, choose_backend, open_store, parse_ref
-from broker.usage import DIMENSIONS, UsageRow, group
+from broker.usage import DIMENSIONS, UsageRow, group, utc_day
 
 if TYPE_CHECKING:
     from broker.export import ExportedSecret
@@ -431,7 +431,7 @@ class Service:
                              f"{', '.join(DIMENSIONS)}")
         day = None
         if since:
-            day = time.strftime("%Y-%m-%d", time.gmtime(audit.parse_since(since)))
+            day = utc_day(audit.parse_since(since))
         return group(self.metadata.usage(day, consumer), dims)
 
     def as_actor(self, actor: str) -> Service:

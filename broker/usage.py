@@ -11,6 +11,7 @@ by at most one request.
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -19,6 +20,11 @@ from typing import Any
 TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
 DIMENSIONS = ("consumer", "provider", "model", "route", "day")
+
+
+def utc_day(t: float | None = None) -> str:
+    """The day a usage row or budget belongs to: YYYY-MM-DD in UTC (budgets reset at 00:00)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
 
 
 @dataclass

@@ -348,14 +348,6 @@ class Service:
 
     # --- the bootstrap token ---------------------------------------------------------------
 
-    def read_token(self) -> str:
-        check_private(self.home.token)
-        try:
-            return self.home.token.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            raise BrokerError(f"{self.home.token} is missing; run `secret-broker token rotate`") \
-                from None
-
     def rotate_token(self) -> None:
         with self._writing():
             self.record("token.rotated")

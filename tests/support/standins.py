@@ -614,9 +614,11 @@ class StandIn:
             for event in events:
                 if written and self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
+                # Stamped before the write, so a client that has read event N can rely on
+                # sent_at holding N entries (stamping after the drain raced the client).
+                self.sent_at.append(time.monotonic())
                 await resp.write(event)
                 await request.writer.drain()
-                self.sent_at.append(time.monotonic())
                 written += 1
                 if self.reset_after is not None and written >= self.reset_after:
                     self._abort(request)

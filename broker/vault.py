@@ -40,6 +40,10 @@ class FileVault:
         fd = os.open(self._dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            # Every vault write holds this lock, so a temp file seen now is one a killed
+            # writer left behind (write_private's `.NAME.tmpPID`): sealed, but clutter.
+            for stale in self._dir.glob(".*.sbv.tmp*"):
+                stale.unlink(missing_ok=True)
             yield
         finally:
             os.close(fd)  # closing releases the lock

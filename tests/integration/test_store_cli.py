@@ -421,6 +421,16 @@ def test_kill9_during_rotate_leaves_old_or_new(cli: Cli) -> None:
     assert value_of(cli, "@k") == "v-final"
 
 
+def test_next_write_sweeps_a_killed_writers_temp_file(cli: Cli) -> None:
+    """A `.NAME.tmpPID` left by a writer killed before its rename goes at the next write."""
+    cli.add("@k", "v1")
+    stale = cli.home / "vault" / ".s-k.sbv.tmp99999"
+    stale.write_bytes(b"sealed bytes a killed rotate left")
+    cli.ok("rotate", "@k", "--stdin", input="v2")
+    assert not stale.exists()
+    assert value_of(cli, "@k") == "v2"
+
+
 # --- canaries -------------------------------------------------------------------------------------
 
 

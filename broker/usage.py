@@ -11,6 +11,7 @@ by at most one request.
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections.abc import Iterable
@@ -20,6 +21,8 @@ from typing import Any
 TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
 DIMENSIONS = ("consumer", "provider", "model", "route", "day")
+_USAGE_TRIES = 8  # usage keys tried, from the end of a JSON body, before giving up
+_USAGE_SPAN = 64 << 10  # bytes after the key a usage object may take
 
 
 def utc_day(t: float | None = None) -> str:
@@ -143,9 +146,35 @@ class UsageTap:
         for item in doc if isinstance(doc, list) else [doc]:  # Gemini streams arrays too
             apply(self._fmt, item, self.usage)
 
+    def _tail_usage(self, body: bytearray) -> None:
+        """Apply the last usage object of a JSON body, found from its end.
+
+        Providers put usage last, and json.loads of a multi-megabyte embeddings answer
+        would stall every other stream on the event loop; only the object itself is parsed.
+        Inside a JSON string every `"` is escaped, so the pattern only matches a real key.
+        """
+        name = "usageMetadata" if self._fmt == "gemini" else "usage"
+        pattern = re.compile(rb'"' + name.encode() + rb'"\s*:\s*')
+        end = len(body)
+        for _ in range(_USAGE_TRIES):
+            start = end = body.rfind(b'"' + name.encode() + b'"', 0, end)
+            if start < 0:
+                return
+            key = pattern.match(body, start)
+            if key is None:
+                continue
+            tail = body[key.end():key.end() + _USAGE_SPAN].decode("utf-8", "replace")
+            try:
+                value, _ = json.JSONDecoder().raw_decode(tail)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                apply(self._fmt, {name: value}, self.usage)
+                return
+
     def finish(self) -> Usage:
         if self._usable and not self._sse:
-            self._parse(bytes(self._buffer))
+            self._tail_usage(self._buffer)
         elif self._usable:
             self._events()
             self._parse(bytes(self._buffer).strip().removeprefix(b"data:"))

@@ -61,6 +61,37 @@ def test_gzip_body_is_decoded_on_the_taps_own_copy() -> None:
     assert (usage.input_tokens, usage.output_tokens) == (9, 0)
 
 
+@given(st.text(max_size=40), st.integers(min_value=1, max_value=50))
+def test_json_body_usage_is_the_real_key_whatever_the_strings_hold(text: str, pieces: int) -> None:
+    """Strings that spell out a usage key (escaped quotes) never shadow the real one."""
+    decoy = json.dumps({"usage": {"prompt_tokens": 999}}) + text
+    body = json.dumps({"data": [{"text": decoy, "usage_note": text}], "model": "m",
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+                       "system_fingerprint": text}).encode()
+    usage = tap_all("openai", body, "application/json", pieces=pieces)
+    assert (usage.input_tokens, usage.output_tokens) == (3, 4)
+
+
+def test_large_embeddings_body_usage_found_from_the_end() -> None:
+    """A multi-megabyte answer yields its usage (first or last key), and Gemini's name."""
+    vectors = [{"embedding": [0.125] * 1024, "index": i} for i in range(300)]
+    last = json.dumps({"data": vectors, "usage": {"total_tokens": 11}}).encode()
+    first = json.dumps({"usage": {"total_tokens": 12}, "data": vectors}).encode()
+    assert len(last) > 1 << 20
+    assert tap_all("total_tokens", last, "application/json", pieces=40).input_tokens == 11
+    assert tap_all("total_tokens", first, "application/json", pieces=40).input_tokens == 12
+    gemini = json.dumps({"embeddings": vectors, "usageMetadata": {
+        "promptTokenCount": 5, "candidatesTokenCount": 6}}).encode()
+    usage = tap_all("gemini", gemini, "application/json", pieces=7)
+    assert (usage.input_tokens, usage.output_tokens) == (5, 6)
+
+
+def test_json_body_with_null_or_broken_usage_is_unknown() -> None:
+    """usage: null, or a truncated body, leaves usage unknown."""
+    assert not tap_all("openai", b'{"usage": null}', "application/json").known
+    assert not tap_all("openai", b'{"x": 1, "usage": {"prompt_tok', "application/json").known
+
+
 def test_unknown_encoding_gives_unknown_usage() -> None:
     """Brotli (or anything the tap cannot decode) leaves usage unknown, never crashes."""
     assert not tap_all("openai", b"\x8b\x00garbage", "application/json", "br").known

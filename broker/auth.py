@@ -86,6 +86,12 @@ class Authenticator:
             self._token, self._signature = b"", None
         return self._token
 
+    def broker_tokens(self, presented: str | None) -> tuple[str, ...]:
+        """The broker tokens in play for one request, which the gateway must not forward
+        in any header: the caller's own token and the owner's bootstrap token."""
+        own = self._bootstrap().decode("utf-8", "surrogateescape")
+        return tuple(t for t in (own, presented) if t)
+
     def authenticate(self, presented: str | None, via: str, *,
                      dashboard: bool = False) -> Principal:
         """`dashboard`: the request is for /ui/api/, where the owner's way in is a session

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker import routes
+from broker.auth import presented_token
 from broker.daemon import STATE, BrokerState, consumer_of
 from broker.errors import (
     BodyTooLarge,
@@ -73,7 +74,10 @@ async def stop(app: web.Application) -> None:
     await app[STATE].upstream.close()
 
 
-def upstream_headers(incoming: Any, provider: Provider, key: str) -> CIMultiDict[str]:
+def upstream_headers(incoming: Any, provider: Provider, key: str,
+                     withheld: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """The caller's headers as the upstream gets them: credentials, hop-by-hop and broker
+    headers gone, any header holding a `withheld` string (a broker token) gone, the key in."""
     named_by_connection = {
         token.strip().lower()
         for value in incoming.getall("Connection", [])
@@ -83,7 +87,7 @@ def upstream_headers(incoming: Any, provider: Provider, key: str) -> CIMultiDict
     for name, value in incoming.items():
         lowered = name.lower()
         if (lowered in REQUEST_DROP or lowered in named_by_connection
-                or lowered.startswith("x-broker-")):
+                or lowered.startswith("x-broker-") or any(t in value for t in withheld)):
             continue
         out.add(name, value)
     for name, value in provider.add_headers:  # e.g. anthropic-version, unless the caller set it
@@ -160,10 +164,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         query = with_route_query(strip_key_param(m.query), m.route.query)
         url = URL(provider.upstream_url(m.path, query), encoded=True)
         fmt = provider.usage_format(m.route)
+        withheld = state.auth.broker_tokens(presented_token(request.headers,
+                                                            provider.caller_auth))
         estimate = estimate_tokens(body, doc)
         reservation = state.reserve_budget(request["principal"], estimate)
         response, tap = await _forward(request, state, url,
-                                       upstream_headers(request.headers, provider, key),
+                                       upstream_headers(request.headers, provider, key,
+                                                        withheld),
                                        body, ex, None if fmt == "none" else fmt)
         if tap is not None:
             tap.finish()

@@ -329,7 +329,8 @@ def test_caller_credentials_never_reach_upstream(gw: Broker) -> None:
               [("api-key", tok)], [("x-api-key", tok)], [("Cookie", f"t={tok}")],
               [("Authorization", f"Basic {tok}")], [("Authorization", f"Bearer {tok}")],
               [("Connection", "authorization, x-sneak"), ("X-Sneak", tok)],
-              [("X-Broker-Token", tok)], [("OpenAI-Organization", tok)]]
+              [("X-Broker-Token", tok)], [("OpenAI-Organization", tok)],
+              [("X-My-Gateway-Key", tok)], [("X-Trace", f"caller={tok};span=1")]]
     for headers in sneaky:
         assert gw.post("openai", "v1/embeddings", headers=headers).status == 200, headers
     recorded = gw.standins["google"].requests + gw.standins["openai"].requests

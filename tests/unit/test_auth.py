@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from broker.auth import FailureThrottle, presented_token
+from pathlib import Path
+
+from multidict import CIMultiDict
+
+from broker.auth import Authenticator, FailureThrottle, presented_token
+from broker.providers import BUILTIN
+from broker.proxy import upstream_headers
 
 
 def test_presented_token_looks_only_where_told() -> None:
@@ -26,3 +32,18 @@ def test_throttle_doubles_after_free_failures_and_resets_after_window() -> None:
     assert throttle.penalty("other") == 0.0
     now[0] = 61.0
     assert throttle.penalty("p") == 0.0
+
+
+def test_broker_tokens_withheld_from_any_upstream_header(tmp_path: Path) -> None:
+    """Whichever token a caller presents, it and the owner's token are cut from every header."""
+    token_file = tmp_path / "broker.token"
+    token_file.write_text("sbt_owner\n")
+    auth = Authenticator(token_file)
+    withheld = auth.broker_tokens("sbc_agent")
+    assert withheld == ("sbt_owner", "sbc_agent")
+    assert auth.broker_tokens(None) == ("sbt_owner",)  # the Unix socket presents none
+    incoming = CIMultiDict([("X-Trace", "a sbc_agent b"), ("X-Copy", "sbt_owner"),
+                            ("Accept", "application/json"), ("Authorization", "Bearer sbc_agent")])
+    out = upstream_headers(incoming, BUILTIN["openai"], "sk-real", withheld)
+    assert list(out.items()) == [("Accept", "application/json"),
+                                 ("Authorization", "Bearer sk-real")]

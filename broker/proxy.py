@@ -97,17 +97,20 @@ def upstream_headers(incoming: Any, provider: Provider, key: str,
     return out
 
 
-def strip_key_param(query: str) -> str:
-    """Drop `key=` (Google's query-string credential); keep everything else as sent.
+def strip_key_param(query: str, withheld: tuple[str, ...] = ()) -> str:
+    """Drop `key=` (Google's query-string credential), and any parameter holding a
+    `withheld` string (a broker token); keep everything else as sent.
 
     Servers differ on whether `;` separates parameters, so both `&` and `;` do here, and
-    a name is compared as a server might read it (decoded, trimmed, any case)."""
+    a parameter is read as a server might read it (decoded, trimmed, any case)."""
     if not query:
         return query
     pieces = re.split(r"([&;])", query)  # part, separator, part, ...
     out: list[str] = []
     for i in range(0, len(pieces), 2):
-        if unquote_plus(pieces[i].split("=", 1)[0]).strip().lower() == "key":
+        decoded = unquote_plus(pieces[i])
+        if (unquote_plus(pieces[i].split("=", 1)[0]).strip().lower() == "key"
+                or any(t in decoded for t in withheld)):
             continue
         if out:
             out.append(pieces[i - 1])
@@ -161,11 +164,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if provider.base_url is None:
             raise SecretUnavailable(f"provider {provider.name} has no base_url: set one in "
                                     f"config.toml [providers.{provider.name}]")
-        query = with_route_query(strip_key_param(m.query), m.route.query)
-        url = URL(provider.upstream_url(m.path, query), encoded=True)
-        fmt = provider.usage_format(m.route)
         withheld = state.auth.broker_tokens(presented_token(request.headers,
                                                             provider.caller_auth))
+        query = with_route_query(strip_key_param(m.query, withheld), m.route.query)
+        url = URL(provider.upstream_url(m.path, query), encoded=True)
+        fmt = provider.usage_format(m.route)
         estimate = estimate_tokens(body, doc)
         reservation = state.reserve_budget(request["principal"], estimate)
         response, tap = await _forward(request, state, url,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from urllib.parse import unquote_plus
 
 import aiohttp.http_exceptions
 import pytest
@@ -321,7 +322,7 @@ def test_caller_credentials_never_reach_upstream(gw: Broker) -> None:
     tok = gw.token
     for query in (f"key={tok}", f"KEY={tok}", f"%6Bey={tok}", f"k%65y={tok}",
                   f"alt=sse;key={tok}", f"key={tok}&key={tok}&alt=sse", f"key+={tok}",
-                  f"x=1&Key={tok}"):
+                  f"x=1&Key={tok}", f"api_key={tok}&alt=sse", f"t=Bearer%20{tok[:3]}%5F{tok[4:]}"):
         reply = gw.post("google", f"{GEMINI_PATH}?{query}", GEMINI, token=None,
                         headers=[("x-goog-api-key", tok)])
         assert reply.status == 200, (query, reply.body)
@@ -334,9 +335,9 @@ def test_caller_credentials_never_reach_upstream(gw: Broker) -> None:
     for headers in sneaky:
         assert gw.post("openai", "v1/embeddings", headers=headers).status == 200, headers
     recorded = gw.standins["google"].requests + gw.standins["openai"].requests
-    assert len(recorded) == 8 + len(sneaky)
+    assert len(recorded) == 10 + len(sneaky)
     for rec in recorded:
-        sent = json.dumps(rec.headers) + rec.query + rec.body.decode()
+        sent = json.dumps(rec.headers) + unquote_plus(rec.query) + rec.body.decode()
         assert tok not in sent
     for rec in gw.standins["google"].requests:
         assert rec.headers["x-goog-api-key"] == real_key("google")

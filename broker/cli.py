@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.config import Home
+from broker.config import Home, load_config
 from broker.errors import BrokerError, UsageError
 
 EXIT_CODES = """\
@@ -259,18 +259,30 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def cmd_grants_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from broker.doctor import purpose_warnings
+    from broker.providers import BUILTIN, build_providers
     from grants import load_grants
     from grants.render import grants_as_rows
 
-    path = Path(args.file) if args.file else Home.from_env().grants
+    home = Home.from_env()
+    path = Path(args.file) if args.file else home.grants
     if not path.exists():
         raise BrokerError(f"{path} does not exist (a missing grants file denies everything)")
-    rows = grants_as_rows(load_grants(path))
+    grants = load_grants(path)
+    rows = grants_as_rows(grants)
     profiles = _profiles_beside(path)
+    try:
+        providers = build_providers(load_config(home).providers)
+    except BrokerError:  # no home, or a broken config.toml (`check` reports that)
+        providers = BUILTIN
+    warnings = purpose_warnings(grants, providers, path)
     if args.json:
-        _print_json({"file": str(path), "valid": True, "grants": rows}
+        _print_json({"file": str(path), "valid": True, "grants": rows,
+                     "warnings": [w.as_json() for w in warnings]}
                     | ({} if profiles is None else {"profiles": profiles}))
         return 0
+    for w in warnings:
+        print(f"warning: {w.message}\n    fix: {w.fix}", file=sys.stderr)
     print(f"{path}: valid, {len(rows)} grant(s)")
     if rows:
         _print_table([[r["index"], r["line"], "@" + str(r["secret_ref"]), r["consumer"],

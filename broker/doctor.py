@@ -8,10 +8,11 @@ unlock, say) becomes a warning naming why, so one problem never hides the others
 
 from __future__ import annotations
 
+import difflib
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,7 @@ from broker.client import BrokerClient
 from broker.config import Config, Home, load_config
 from broker.errors import BrokerError, BrokerNotRunning, ConfigError, SecretNotFound
 from broker.metadata import SecretMeta
+from broker.providers import Provider, build_providers
 from broker.service import Service
 from broker.vault import HEADER, FileVault
 from grants import Grant, GrantsError, load_grants
@@ -73,6 +75,14 @@ class Scene:
         try:
             return load_grants(self.home.grants)
         except GrantsError:
+            return None
+
+    @cached_property
+    def providers(self) -> dict[str, Provider] | None:
+        """The provider table, or None when config.toml's is invalid (the config check)."""
+        try:
+            return build_providers(self.config.providers)
+        except ConfigError:
             return None
 
     @cached_property
@@ -218,19 +228,38 @@ def check_grant_refs(scene: Scene) -> list[Finding]:
             for ref in sorted(known - named)]
 
 
+def purpose_warnings(grants: Iterable[Grant], providers: Mapping[str, Provider],
+                     path: Path) -> list[Finding]:
+    """Grant purposes that no gateway route asks for. Legal (a native lease may name any
+    purpose), but usually a typo: "embeddings" for "llm.embeddings" denies every request."""
+    routed = sorted({route.purpose for p in providers.values() for route in p.routes})
+    found = []
+    for g in grants:
+        for purpose in g.purposes:
+            if purpose in routed:
+                continue
+            where = f"grant {g.index} (line {g.line})"
+            close = difflib.get_close_matches(purpose, routed, n=1)
+            fix = (f'replace "{purpose}" with "{close[0]}" in {where} of {path}' if close else
+                   f'keep it only for leases that ask for purpose "{purpose}" by name')
+            found.append(warning("grants", f'{where} allows purpose "{purpose}", which no '
+                                           f"gateway route uses ({', '.join(routed)})", fix))
+    return found
+
+
+def check_purposes(scene: Scene) -> list[Finding]:
+    if scene.grants is None or scene.providers is None:
+        return []
+    return purpose_warnings(scene.grants, scene.providers, scene.home.grants)
+
+
 def check_provider_hosts(scene: Scene) -> list[Finding]:
     """A provider whose secrets have grants, none of which allows its upstream host (a
     secret with no grant at all is reported by check_grant_refs)."""
-    from broker.providers import build_providers
-
-    if scene.grants is None:
+    if scene.grants is None or scene.providers is None:
         return []
-    try:
-        providers = build_providers(scene.config.providers)
-    except ConfigError:
-        return []  # the config check reports it
     found = []
-    for name, provider in sorted(providers.items()):
+    for name, provider in sorted(scene.providers.items()):
         refs = {m.ref for m in scene.secrets
                 if m.provider == name or m.ref == provider.secret_ref}
         hosts = {h for g in scene.grants if g.secret_ref in refs for h in g.allowed_hosts}
@@ -287,8 +316,8 @@ def check_daemon(scene: Scene) -> list[Finding]:
 
 CHECKS: tuple[Check, ...] = (
     check_modes, check_config, check_grants, check_profiles, check_kdf, check_audit,
-    check_values, check_grant_refs, check_provider_hosts, check_rotation, check_tokens,
-    check_daemon,
+    check_values, check_grant_refs, check_purposes, check_provider_hosts, check_rotation,
+    check_tokens, check_daemon,
 )
 
 

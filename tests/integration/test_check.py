@@ -73,6 +73,10 @@ def orphan_grant(home: Path) -> None:
     write_grants(home, grant("openai_api_key") + grant("ghost_key"))
 
 
+def purpose_typo(home: Path) -> None:
+    write_grants(home, grant("openai_api_key", purposes='"llm.chat", "embeddings"'))
+
+
 def unrotated(home: Path) -> None:
     sql(home, "UPDATE secrets SET created_at = ?, rotated_at = NULL", LONG_AGO)
 
@@ -116,6 +120,7 @@ PLANTS: list[tuple[Callable[[Path], None], str, str, str]] = [
     (bad_grants, "errors", "grants", "ttl_secs"),
     (bad_profiles, "errors", "profiles", "PATH cannot be set from a profile"),
     (orphan_grant, "warnings", "grants", "grant 1 (line 9) names @ghost_key, which is not stored"),
+    (purpose_typo, "warnings", "grants", 'purpose "embeddings", which no gateway route uses'),
     (unrotated, "warnings", "rotation", "@openai_api_key was last set"),
     (missing_value, "warnings", "values", "@openai_api_key has metadata but no stored value"),
     (unused_token, "warnings", "tokens", "has not been used in 30 days"),

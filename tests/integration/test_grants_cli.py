@@ -25,6 +25,23 @@ def test_spec_example_prints_back(cli: Cli, tmp_path: Path) -> None:
         "index": 0, "line": 1, "secret_ref": "openai_api_key", "consumer": "ugent-core",
         "purposes": ["llm.chat", "llm.embeddings"], "delivery": ["native", "http_header_inject"],
         "allowed_hosts": ["api.openai.com"], "ttl_secs": 300}]
+    assert doc["warnings"] == []
+
+
+def test_purpose_no_route_uses_is_valid_but_warned(cli: Cli, tmp_path: Path) -> None:
+    """A purpose typo is legal (custom purposes are) but named, with the likely fix."""
+    path = tmp_path / "g.toml"
+    path.write_text(SPEC_EXAMPLE.replace('"llm.embeddings"', '"embeddings", "ci.deploy"'))
+    proc = cli("grants", "check", str(path))
+    assert proc.returncode == 0 and "valid, 1 grant(s)" in proc.stdout
+    assert 'grant 0 (line 1) allows purpose "embeddings", which no gateway route uses' \
+        in proc.stderr
+    assert 'replace "embeddings" with "llm.embeddings"' in proc.stderr
+    assert 'leases that ask for purpose "ci.deploy" by name' in proc.stderr
+    assert '"llm.chat"' not in proc.stderr
+    doc = json.loads(cli.ok("grants", "check", str(path), "--json"))
+    assert [w["message"].split(",")[0] for w in doc["warnings"]] == [
+        f'grant 0 (line 1) allows purpose "{p}"' for p in ("embeddings", "ci.deploy")]
 
 
 @pytest.mark.parametrize("old, new, key", [

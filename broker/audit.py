@@ -283,6 +283,11 @@ class AuditLog:
             self._prev = line_hash(last)
         self._end = size
 
+    @property
+    def pending(self) -> bool:
+        """Batch mode: lines appended but not yet fsynced (a hint, read without the lock)."""
+        return self._unsynced is not None
+
     def flush(self) -> None:
         """Batch mode: make everything appended so far durable and checkpoint it."""
         with self._lock:

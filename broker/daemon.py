@@ -674,7 +674,8 @@ async def _in_thread(job: Callable[..., None], *args: Any) -> None:
 
 
 async def _flush_audit(state: BrokerState) -> None:
-    await _in_thread(state.service.audit_log.flush)
+    if state.service.audit_log.pending:  # an idle broker wakes no thread (and takes no GIL)
+        await _in_thread(state.service.audit_log.flush)
 
 
 async def _housekeeping(state: BrokerState) -> None:

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import sqlite3
 from typing import Any
 
 import pytest
@@ -232,6 +233,33 @@ def test_sigterm_exits_zero_and_is_audited(granted: Cli, daemon_factory: Any) ->
     events = [e["event"] for e in json.loads(granted.ok("audit", "--json"))["events"]]
     assert events.count("broker.started") == 1 and events[-1] == "broker.stopped"
     assert granted.ok("audit", "verify")
+
+
+def test_batch_audit_is_checkpointed_while_running(granted: Cli, daemon_factory: Any) -> None:
+    """In batch mode the running daemon checkpoints its lines (no stop needed), so after a
+    kill -9 cutting the newest line off the log is still caught."""
+    d = daemon_factory()
+    d.client().lease("@openai_api_key", "llm.chat", "native")
+    log = granted.home / "audit.log"
+    last = json.loads(log.read_bytes().splitlines()[-1])
+    assert last["event"] == "lease.issued"
+
+    def checkpointed() -> bool:
+        db = sqlite3.connect(granted.home / "metadata.db")
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'audit_seq'").fetchone()
+        finally:
+            db.close()
+        return row is not None and int(row[0]) >= last["seq"]
+
+    wait_for(checkpointed, what="the audit checkpoint to reach the newest line")
+    d.proc.kill()
+    d.proc.wait()
+    assert granted.ok("audit", "verify")
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))
+    cut = granted("audit", "verify")
+    assert cut.returncode == 1 and "Traceback" not in cut.stderr
+    assert "cut" in (cut.stdout + cut.stderr).lower(), cut.stdout + cut.stderr
 
 
 def test_session_logs_and_audit_hold_no_canary(granted: Cli, daemon_factory: Any) -> None:

@@ -87,8 +87,8 @@ class Authenticator:
         return self._token
 
     def broker_tokens(self, presented: str | None) -> tuple[str, ...]:
-        """The broker tokens in play for one request, which the gateway must not forward
-        in any header: the caller's own token and the owner's bootstrap token."""
+        """The broker tokens in play for one request, which the gateway must not forward in
+        any header or query parameter: the caller's own token and the owner's bootstrap token."""
         own = self._bootstrap().decode("utf-8", "surrogateescape")
         return tuple(t for t in (own, presented) if t)
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,30 @@ def gateway(cli: Cli, standins: dict[str, Any]) -> Iterator[Any]:
     if d.proc.poll() is None:
         d.proc.kill()
         d.proc.wait()
+
+
+@contextmanager
+def tmpfs(size: str = "1m") -> Iterator[Path]:
+    """A small private tmpfs (we run as root in CI): a disk that fills up or goes read-only
+    without touching the machine's. Unmounted (lazily, if a process still holds it) at exit."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root: run the tests as root, as CI does")
+    mnt = Path(tempfile.mkdtemp(prefix="sb-mnt-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(mnt)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        mnt.rmdir()
+
+
+def move_audit_log(home: Path, directory: Path) -> Path:
+    """Put the home's audit log (its content kept) on another file system, via a symlink."""
+    target = directory / "audit.log"
+    shutil.copyfile(home / "audit.log", target)
+    target.chmod(0o600)
+    (home / "audit.log").unlink()
+    (home / "audit.log").symlink_to(target)
+    return target

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, base_env
+from tests.conftest import Cli, base_env, move_audit_log, tmpfs
 
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -257,23 +257,9 @@ def test_parallel_writers_keep_one_chain(cli: Cli) -> None:
 @contextlib.contextmanager
 def audit_log_on_tmpfs(home: Path, size: str = "64k") -> Iterator[Path]:
     """Move the home's audit.log onto a small tmpfs (a symlink points there); unmount after."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs needs root: run the tests as root, as CI does")
-    mnt = home.parent / "auditfs"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                              str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        target = mnt / "audit.log"
-        shutil.copyfile(home / "audit.log", target)
-        target.chmod(0o600)
-        (home / "audit.log").unlink()
-        (home / "audit.log").symlink_to(target)
+    with tmpfs(size) as mnt:
+        move_audit_log(home, mnt)
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def _fill(mnt: Path) -> None:

@@ -267,31 +267,6 @@ def kill(daemon: Daemon) -> None:
 
 
 @contextmanager
-def tmpfs(size: str = "1m") -> Iterator[Path]:
-    """A small private tmpfs (we run as root in CI): a disk that fills up or goes read-only
-    without touching the machine's. Unmounted (lazily, if a process still holds it) at exit."""
-    mnt = Path(tempfile.mkdtemp(prefix="sb-mnt-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
-                   check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["chattr", "-R", "-i", str(mnt)], capture_output=True, check=False)
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
-        mnt.rmdir()
-
-
-def move_audit_log(home: Path, directory: Path) -> Path:
-    """Put the home's audit log (its content kept) on another file system, via a symlink."""
-    target = directory / "audit.log"
-    shutil.copyfile(home / "audit.log", target)
-    target.chmod(0o600)
-    (home / "audit.log").unlink()
-    (home / "audit.log").symlink_to(target)
-    return target
-
-
-@contextmanager
 def ext4_image(size: str = "8M") -> Iterator[Path]:
     """A small loop-mounted ext4 file system: there `chattr +i` makes even an already open
     file refuse writes (EPERM), which tmpfs does not enforce."""

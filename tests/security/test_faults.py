@@ -16,7 +16,17 @@ from collections import Counter
 from pathlib import Path
 
 from broker.client import BrokerClient
-from tests.conftest import CANARY, CANARY_2, Cli, scan, start_daemon, wait_for, write_grants
+from tests.conftest import (
+    CANARY,
+    CANARY_2,
+    Cli,
+    move_audit_log,
+    scan,
+    start_daemon,
+    tmpfs,
+    wait_for,
+    write_grants,
+)
 from tests.security.conftest import (
     PURPOSES,
     Broker,
@@ -24,10 +34,8 @@ from tests.security.conftest import (
     ext4_image,
     kill,
     launch,
-    move_audit_log,
     real_key,
     request_bytes,
-    tmpfs,
 )
 from tests.support.standins import StandIn
 

@@ -88,21 +88,22 @@ class Authenticator:
 
     def broker_tokens(self, presented: str | None) -> tuple[str, ...]:
         """The broker tokens in play for one request, which the gateway must not forward in
-        any header or query parameter: the caller's own token and the owner's bootstrap token."""
-        own = self._bootstrap().decode("utf-8", "surrogateescape")
+        any header or query parameter: the caller's own token and the owner's bootstrap token
+        (as `authenticate` just read it)."""
+        own = self._token.decode("utf-8", "surrogateescape")
         return tuple(t for t in (own, presented) if t)
 
     def authenticate(self, presented: str | None, via: str, *,
                      dashboard: bool = False) -> Principal:
         """`dashboard`: the request is for /ui/api/, where the owner's way in is a session
         (a consumer token still authenticates there, to be refused as `owner_only`)."""
+        expected = self._bootstrap()  # read first: broker_tokens() relies on it being current
         if presented is None:
             if via == "unix" and not dashboard:  # the socket's 0600 mode in a 0700 directory
                 return Principal("owner", via)
             raise Unauthorized("missing broker token: send Authorization: Bearer <token>")
         # Header bytes that are not UTF-8 arrive as surrogates: compare them, never crash.
         raw = presented.encode("utf-8", "surrogateescape")
-        expected = self._bootstrap()
         if expected and hmac.compare_digest(raw, expected):
             if dashboard:
                 raise Unauthorized("the dashboard's API takes a session token: open it with "

@@ -359,6 +359,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Forbidden("only the owner's token or the Unix socket may use this route",
                         code="owner_only")
     request["principal"] = principal
+    request["broker_tokens"] = state.auth.broker_tokens(token)  # never forwarded upstream
     if principal.token_id is not None:
         state.tokens_used.add(principal.token_id)
     return await handler(request)

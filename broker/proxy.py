@@ -22,7 +22,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker import routes
-from broker.auth import presented_token
 from broker.daemon import STATE, BrokerState, consumer_of
 from broker.errors import (
     BodyTooLarge,
@@ -164,8 +163,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if provider.base_url is None:
             raise SecretUnavailable(f"provider {provider.name} has no base_url: set one in "
                                     f"config.toml [providers.{provider.name}]")
-        withheld = state.auth.broker_tokens(presented_token(request.headers,
-                                                            provider.caller_auth))
+        withheld = request["broker_tokens"]
         query = with_route_query(strip_key_param(m.query, withheld), m.route.query)
         url = URL(provider.upstream_url(m.path, query), encoded=True)
         fmt = provider.usage_format(m.route)

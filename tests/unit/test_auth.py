@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from multidict import CIMultiDict
 
-from broker.auth import Authenticator, FailureThrottle, presented_token
+from broker.auth import Authenticator, ConsumerToken, FailureThrottle, presented_token
 from broker.providers import BUILTIN
 from broker.proxy import upstream_headers
 
@@ -39,9 +40,13 @@ def test_broker_tokens_withheld_from_any_upstream_header(tmp_path: Path) -> None
     token_file = tmp_path / "broker.token"
     token_file.write_text("sbt_owner\n")
     auth = Authenticator(token_file)
+    auth.consumer_tokens = {hashlib.sha256(b"sbc_agent").hexdigest():
+                            ConsumerToken("tok_1", "agent", None, False)}
+    assert auth.authenticate("sbc_agent", "tcp").consumer == "agent"
     withheld = auth.broker_tokens("sbc_agent")
     assert withheld == ("sbt_owner", "sbc_agent")
-    assert auth.broker_tokens(None) == ("sbt_owner",)  # the Unix socket presents none
+    assert auth.authenticate(None, "unix").kind == "owner"  # the socket presents none
+    assert auth.broker_tokens(None) == ("sbt_owner",)
     incoming = CIMultiDict([("X-Trace", "a sbc_agent b"), ("X-Copy", "sbt_owner"),
                             ("Accept", "application/json"), ("Authorization", "Bearer sbc_agent")])
     out = upstream_headers(incoming, BUILTIN["openai"], "sk-real", withheld)

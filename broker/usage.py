@@ -22,6 +22,9 @@ TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
 DIMENSIONS = ("consumer", "provider", "model", "route", "day")
 _USAGE_TRIES = 8  # usage keys tried, from the end of a JSON body, before giving up
+# Where a JSON body keeps its usage object: Gemini's name, then everyone else's.
+_USAGE_KEY = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*')
+              for name in ("usageMetadata", "usage")}
 _USAGE_SPAN = 64 << 10  # bytes after the key a usage object may take
 
 
@@ -154,10 +157,10 @@ class UsageTap:
         Inside a JSON string every `"` is escaped, so the pattern only matches a real key.
         """
         name = "usageMetadata" if self._fmt == "gemini" else "usage"
-        pattern = re.compile(rb'"' + name.encode() + rb'"\s*:\s*')
+        pattern, needle = _USAGE_KEY[name], f'"{name}"'.encode()
         end = len(body)
         for _ in range(_USAGE_TRIES):
-            start = end = body.rfind(b'"' + name.encode() + b'"', 0, end)
+            start = end = body.rfind(needle, 0, end)
             if start < 0:
                 return
             key = pattern.match(body, start)

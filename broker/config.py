@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,24 +109,36 @@ def check_private(path: Path) -> None:
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     """Create or replace a file atomically with mode 0600 (temp, fsync, rename, dir fsync).
 
-    With replace=False an existing file is kept and FileExistsError raised, even one that
-    appeared after the caller looked: the temp file is linked into place, never renamed.
+    The temp file beside `path`, `.NAME.tmp-RANDOM`, is made by mkstemp (O_CREAT|O_EXCL|
+    O_NOFOLLOW, 0600) and checked once open: a name planted in advance (a symlink, a file
+    someone holds open) can never receive the data. With replace=False an existing file is kept and
+    FileExistsError raised, even one that appeared after the caller looked: the temp file
+    is linked into place, never renamed.
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    tmp = Path(name)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(tmp, path)
-    else:
-        try:
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
+        with os.fdopen(fd, "wb") as f:
+            _check_fresh(f.fileno(), tmp)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        (os.replace if replace else os.link)(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not replace:
+        tmp.unlink()
     fsync_dir(path.parent)
+
+
+def _check_fresh(fd: int, path: Path) -> None:
+    """The file just created is ours alone: regular, our owner, one link, no group/other bits."""
+    st = os.fstat(fd)
+    if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1
+            or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO)):
+        raise InsecureFile(f"the temp file {path} is not the private file just created; "
+                           f"check who else writes to {path.parent}")
 
 
 def fsync_dir(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import stat
@@ -104,6 +106,37 @@ def check_private(path: Path) -> None:
             f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
             f"fix it with: chmod {fix} {path}"
         )
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` (0700) if missing; refuse it unless it is a real directory of ours that
+    no one else can enter, since the files in it are then opened by name."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise InsecureFile(f"{path} is not a directory (a symbolic link or a file); remove it "
+                           f"(rm {path}) and it is created again")
+    if st.st_uid != os.geteuid():
+        raise InsecureFile(f"{path} belongs to another user (uid {st.st_uid}); remove it "
+                           f"(rm -r {path}) and it is created again")
+    check_private(path)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """`os.open` (mode 0600 if created) that never follows a symlink and returns only a
+    regular file of ours: a link or a device planted there is refused by name."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise InsecureFile(f"{path} is a symbolic link; remove it (rm {path})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise InsecureFile(f"{path} is not a regular file of this user; remove it (rm {path})")
+    return fd
 
 
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:

@@ -7,16 +7,22 @@ under a running daemon. Every test drives the real CLI or daemon as separate pro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyrage
 import pytest
 
+from broker.client import BrokerClient
+from broker.errors import BrokerNotRunning
 from tests.conftest import CANARY, Cli
 
 # The CLI, started so that its pid is known before it runs: it prints its pid, waits for a
@@ -95,3 +101,125 @@ def test_planted_temp_symlink_is_not_followed(cli: Cli, tmp_path: Path, kind: st
     assert loot.read_bytes() == b""
     assert not out.is_symlink() and stat.S_IMODE(out.stat().st_mode) == 0o600
     assert CANARY not in proc.stdout + proc.stderr
+
+
+# --- run/: the pid lock, the socket, the log -------------------------------------------------
+
+
+def answering_pid(home: Path) -> int | None:
+    """The pid of the daemon that answers on the home's socket, if one does."""
+    try:
+        doc = BrokerClient(socket_path=home / "run" / "broker.sock", timeout=5.0).status()
+    except BrokerNotRunning:
+        return None
+    return int(doc["pid"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def started(cli: Cli) -> Iterator[list[int]]:
+    """Pids of the daemons a test got from `start`; any still alive is killed at the end."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_deleted_pid_file_does_not_let_start_launch_a_second_daemon(cli: Cli,
+                                                                    started: list[int]) -> None:
+    """With run/broker.pid deleted, `start` says the first daemon runs (its real pid), whose
+    socket survives; `status` and `stop` still find it."""
+    listen = f"127.0.0.1:{free_port()}"
+    cli.ok("start", "--listen", listen)
+    first = answering_pid(cli.home)
+    assert first is not None
+    started.append(first)
+    (cli.home / "run" / "broker.pid").unlink()
+    again = cli("start", "--listen", listen)
+    if (pid := answering_pid(cli.home)) not in (None, first):
+        started.append(pid)
+    assert (again.returncode, again.stdout) == (
+        0, f"the broker is already running (pid {first})\n"), again.stderr
+    assert answering_pid(cli.home) == first
+    assert f"running: pid {first}," in cli.ok("status")
+    assert cli.ok("stop") == f"broker stopped (pid {first})\n"
+    assert answering_pid(cli.home) is None
+    assert cli("status").returncode == 6
+
+
+def test_serve_refuses_while_another_daemon_answers_on_the_socket(cli: Cli,
+                                                                  daemon_factory: Any) -> None:
+    """A second `serve` on the same home, its pid file deleted, exits with a clear error and
+    leaves the first daemon's socket in place."""
+    first = daemon_factory()
+    (cli.home / "run" / "broker.pid").unlink()
+    second = cli("serve", "--listen", "127.0.0.1:0")
+    assert second.returncode == 1 and "already running" in second.stderr, second.stderr
+    assert answering_pid(cli.home) == first.proc.pid
+
+
+def test_a_stopping_daemon_removes_only_its_own_socket(cli: Cli, daemon_factory: Any) -> None:
+    """A daemon whose socket was replaced by a newer daemon's leaves that socket alone when
+    it stops."""
+    old = daemon_factory()
+    (cli.home / "run" / "broker.sock").unlink()
+    (cli.home / "run" / "broker.pid").unlink()
+    new = daemon_factory()
+    assert old.stop() == 0
+    assert answering_pid(cli.home) == new.proc.pid
+
+
+@pytest.mark.parametrize("name", ["broker.pid", "broker.log"])
+def test_start_refuses_a_symlink_in_run(cli: Cli, started: list[int], tmp_path: Path,
+                                        name: str) -> None:
+    """A symlink at run/broker.pid or run/broker.log is refused by name; the file it points
+    at is not written."""
+    victim = tmp_path / "victim"
+    victim.write_text("victim\n")
+    planted = cli.home / "run" / name
+    planted.symlink_to(victim)
+    proc = cli("start", "--listen", "127.0.0.1:0")
+    if (pid := answering_pid(cli.home)) is not None:
+        started.append(pid)
+    assert proc.returncode == 1 and f"{planted} is a symbolic link" in proc.stderr, proc.stderr
+    assert victim.read_text() == "victim\n"
+    assert pid is None
+
+
+@pytest.mark.parametrize("how", ["mode", "symlink"])
+def test_start_refuses_a_run_dir_that_is_not_private(cli: Cli, started: list[int],
+                                                     tmp_path: Path, how: str) -> None:
+    """A run/ that others can enter, or that is a symlink, is refused before anything is
+    written in it."""
+    run = cli.home / "run"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    if how == "mode":
+        run.chmod(0o755)
+        watched = run
+    else:
+        run.rmdir()
+        run.symlink_to(elsewhere)
+        watched = elsewhere
+    proc = cli("start", "--listen", "127.0.0.1:0")
+    if (pid := answering_pid(cli.home)) is not None:
+        started.append(pid)
+    assert proc.returncode == 1 and str(run) in proc.stderr, proc.stderr
+    assert list(watched.iterdir()) == []
+
+
+def test_daemon_refuses_a_non_socket_at_the_socket_path(cli: Cli, started: list[int]) -> None:
+    """A regular file at run/broker.sock is refused by name, not deleted."""
+    planted = cli.home / "run" / "broker.sock"
+    planted.write_text("not a socket\n")
+    proc = cli("start", "--listen", "127.0.0.1:0")
+    if (pid := answering_pid(cli.home)) is not None:
+        started.append(pid)
+    assert proc.returncode == 1 and f"{planted} is not a socket" in proc.stderr, proc.stderr
+    assert planted.read_text() == "not a socket\n"

@@ -64,8 +64,7 @@ def _output_command(kind: str, tmp_path: Path) -> tuple[list[str], Path]:
 @pytest.mark.parametrize("kind", ["inject", "export"])
 def test_planted_open_temp_file_never_sees_the_output(cli: Cli, tmp_path: Path,
                                                       kind: str) -> None:
-    """A file planted at the old temp name, world-readable and held open by the attacker,
-    never receives a byte; the output is a fresh 0600 file."""
+    """A world-readable file planted at the old temp name and held open gets no byte."""
     cli.add("@k", CANARY)
     args, out = _output_command(kind, tmp_path)
     held: list[int] = []
@@ -90,8 +89,7 @@ def test_planted_open_temp_file_never_sees_the_output(cli: Cli, tmp_path: Path,
 
 @pytest.mark.parametrize("kind", ["inject", "export"])
 def test_planted_temp_symlink_is_not_followed(cli: Cli, tmp_path: Path, kind: str) -> None:
-    """A symlink planted at the old temp name, pointing at the attacker's file, is neither
-    written through nor in the way: the command succeeds and the attacker's file stays empty."""
+    """A symlink planted at the old temp name is neither written through nor in the way."""
     cli.add("@k", CANARY)
     args, out = _output_command(kind, tmp_path)
     loot = tmp_path / "loot"
@@ -133,8 +131,7 @@ def started(cli: Cli) -> Iterator[list[int]]:
 
 def test_deleted_pid_file_does_not_let_start_launch_a_second_daemon(cli: Cli,
                                                                     started: list[int]) -> None:
-    """With run/broker.pid deleted, `start` says the first daemon runs (its real pid), whose
-    socket survives; `status` and `stop` still find it."""
+    """With run/broker.pid deleted, start/status/stop still find the first daemon."""
     listen = f"127.0.0.1:{free_port()}"
     cli.ok("start", "--listen", listen)
     first = answering_pid(cli.home)
@@ -155,8 +152,7 @@ def test_deleted_pid_file_does_not_let_start_launch_a_second_daemon(cli: Cli,
 
 def test_serve_refuses_while_another_daemon_answers_on_the_socket(cli: Cli,
                                                                   daemon_factory: Any) -> None:
-    """A second `serve` on the same home, its pid file deleted, exits with a clear error and
-    leaves the first daemon's socket in place."""
+    """With the pid file deleted, a second `serve` refuses and leaves the first's socket."""
     first = daemon_factory()
     (cli.home / "run" / "broker.pid").unlink()
     second = cli("serve", "--listen", "127.0.0.1:0")
@@ -165,8 +161,7 @@ def test_serve_refuses_while_another_daemon_answers_on_the_socket(cli: Cli,
 
 
 def test_a_stopping_daemon_removes_only_its_own_socket(cli: Cli, daemon_factory: Any) -> None:
-    """A daemon whose socket was replaced by a newer daemon's leaves that socket alone when
-    it stops."""
+    """A stopping daemon leaves alone a newer daemon's socket that replaced its own."""
     old = daemon_factory()
     (cli.home / "run" / "broker.sock").unlink()
     (cli.home / "run" / "broker.pid").unlink()
@@ -178,8 +173,7 @@ def test_a_stopping_daemon_removes_only_its_own_socket(cli: Cli, daemon_factory:
 @pytest.mark.parametrize("name", ["broker.pid", "broker.log"])
 def test_start_refuses_a_symlink_in_run(cli: Cli, started: list[int], tmp_path: Path,
                                         name: str) -> None:
-    """A symlink at run/broker.pid or run/broker.log is refused by name; the file it points
-    at is not written."""
+    """A symlink at run/broker.pid or run/broker.log is refused by name, its target kept."""
     victim = tmp_path / "victim"
     victim.write_text("victim\n")
     planted = cli.home / "run" / name
@@ -195,8 +189,7 @@ def test_start_refuses_a_symlink_in_run(cli: Cli, started: list[int], tmp_path: 
 @pytest.mark.parametrize("how", ["mode", "symlink"])
 def test_start_refuses_a_run_dir_that_is_not_private(cli: Cli, started: list[int],
                                                      tmp_path: Path, how: str) -> None:
-    """A run/ that others can enter, or that is a symlink, is refused before anything is
-    written in it."""
+    """A run/ others can enter, or a symlink, is refused before anything is written in it."""
     run = cli.home / "run"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)

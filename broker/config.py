@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import stat
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,27 +108,70 @@ def check_private(path: Path) -> None:
         )
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` (0700) if missing; refuse it unless it is a real directory of ours that
+    no one else can enter, since the files in it are then opened by name."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise InsecureFile(f"{path} is not a directory (a symbolic link or a file); remove it "
+                           f"(rm {path}) and it is created again")
+    if st.st_uid != os.geteuid():
+        raise InsecureFile(f"{path} belongs to another user (uid {st.st_uid}); remove it "
+                           f"(rm -r {path}) and it is created again")
+    check_private(path)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """`os.open` (mode 0600 if created) that never follows a symlink and returns only a
+    regular file of ours: a link or a device planted there is refused by name."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise InsecureFile(f"{path} is a symbolic link; remove it (rm {path})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise InsecureFile(f"{path} is not a regular file of this user; remove it (rm {path})")
+    return fd
+
+
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     """Create or replace a file atomically with mode 0600 (temp, fsync, rename, dir fsync).
 
-    With replace=False an existing file is kept and FileExistsError raised, even one that
-    appeared after the caller looked: the temp file is linked into place, never renamed.
+    The temp file beside `path`, `.NAME.tmp-RANDOM`, is made by mkstemp (O_CREAT|O_EXCL|
+    O_NOFOLLOW, 0600) and checked once open: a name planted in advance (a symlink, a file
+    someone holds open) can never receive the data. With replace=False an existing file is kept and
+    FileExistsError raised, even one that appeared after the caller looked: the temp file
+    is linked into place, never renamed.
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    tmp = Path(name)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(tmp, path)
-    else:
-        try:
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
+        with os.fdopen(fd, "wb") as f:
+            _check_fresh(f.fileno(), tmp)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        (os.replace if replace else os.link)(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not replace:
+        tmp.unlink()
     fsync_dir(path.parent)
+
+
+def _check_fresh(fd: int, path: Path) -> None:
+    """The file just created is ours alone: regular, our owner, one link, no group/other bits."""
+    st = os.fstat(fd)
+    if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1
+            or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO)):
+        raise InsecureFile(f"the temp file {path} is not the private file just created; "
+                           f"check who else writes to {path.parent}")
 
 
 def fsync_dir(path: Path) -> None:

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import signal
 import socket
+import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ from broker.auth import (
     Principal,
     presented_token,
 )
-from broker.config import Config, Home, check_private, load_config
+from broker.config import Config, Home, check_private, load_config, open_private, private_dir
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
@@ -543,10 +544,16 @@ def parse_listen(listen: str, allow_remote: bool) -> tuple[str, int]:
 
 
 def _bind_unix(path: Path) -> socket.socket:
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    check_private(path.parent)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # stale: we hold the pid lock, so no live broker owns it
+    """Bind the socket in run/ (checked by `_take_pid_lock`): a stale socket there is replaced,
+    anything else refused."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(found.st_mode):
+            raise InsecureFile(f"{path} is not a socket; remove it (rm {path})")
+        path.unlink()  # stale: we hold the pid lock, and no broker answers on it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -570,15 +577,35 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the Unix socket at `path` (a stale one refuses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except TimeoutError:
+            return True  # listening, its backlog full
+        return True
+
+
 def _take_pid_lock(home: Home) -> int:
-    home.run.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(home.pid, os.O_RDWR | os.O_CREAT, 0o600)
+    """Lock the pid file; refuse while another broker holds it, or answers on the socket
+    (its pid file deleted: the lock went with it)."""
+    private_dir(home.run)
+    fd = open_private(home.pid, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise BrokerError(f"another broker is already running for {home.root} "
                           "(see `secret-broker status`)") from None
+    if _answers(home.socket):
+        os.close(fd)
+        raise BrokerError(f"another broker is already running for {home.root}: it answers on "
+                          f"{home.socket}, though {home.pid} was removed (see `secret-broker "
+                          "status`)")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -596,6 +623,7 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
     service = Service(home, environ, actor="broker", audit_fsync=config.audit_fsync)
     host, port = parse_listen(listen or config.listen, allow_remote)
     pid_fd = _take_pid_lock(home)
+    bound: os.stat_result | None = None
     try:
         try:
             service.store.get("!instance-key")  # unlock once, now, and fail fast
@@ -605,12 +633,22 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
         state = BrokerState(service, config)
         tcp = _bind_tcp(host, port)
         unix = _bind_unix(home.socket)
+        bound = home.socket.lstat()
         state.listen = "{}:{}".format(*tcp.getsockname()[:2])
         return _run(state, [unix, tcp])
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            home.socket.unlink()
+        if bound is not None:
+            _remove_own_socket(home.socket, bound)
         os.close(pid_fd)
+
+
+def _remove_own_socket(path: Path, bound: os.stat_result) -> None:
+    """Unlink the socket this daemon bound, never another one now at that path (a newer
+    broker's, after ours was removed)."""
+    with contextlib.suppress(FileNotFoundError):
+        now = path.lstat()
+        if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+            path.unlink()
 
 
 def _run(state: BrokerState, socks: list[socket.socket]) -> int:

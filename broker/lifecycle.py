@@ -12,7 +12,7 @@ import time
 
 from broker import envelope
 from broker.client import BrokerClient
-from broker.config import Home, write_private
+from broker.config import Home, open_private, private_dir
 from broker.errors import BrokerError, BrokerNotRunning
 from broker.vault import HEADER, passphrase_source, read_passphrase
 
@@ -20,11 +20,13 @@ POLL = 0.05
 
 
 def running_pid(home: Home) -> int | None:
-    """The daemon's pid, judged by its lock on the pid file (a stale file holds no lock)."""
+    """The daemon's pid, judged by its lock on the pid file (a stale file holds no lock);
+    with no lock there, the pid of a daemon still answering on the socket (its pid file was
+    deleted, and the lock with it)."""
     try:
-        fd = os.open(home.pid, os.O_RDONLY)
+        fd = open_private(home.pid, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        return _answering_pid(home)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -32,7 +34,14 @@ def running_pid(home: Home) -> int | None:
         return int(text) if text.isdigit() else None
     finally:
         os.close(fd)
-    return None
+    return _answering_pid(home)
+
+
+def _answering_pid(home: Home) -> int | None:
+    try:
+        return int(BrokerClient(socket_path=home.socket, timeout=2.0).status()["pid"])
+    except BrokerNotRunning:
+        return None
 
 
 def _needs_passphrase(home: Home) -> bool:
@@ -52,6 +61,7 @@ def _log_tail(home: Home, lines: int = 15) -> str:
 
 def start(home: Home, *, listen: str | None, timeout: float) -> int:
     home.require()
+    private_dir(home.run)  # before anything in it is opened
     pid = running_pid(home)
     if pid is not None:
         print(f"the broker is already running (pid {pid})")
@@ -67,14 +77,15 @@ def start(home: Home, *, listen: str | None, timeout: float) -> int:
         os.close(write_end)
         pass_fds = (read_end,)
         env["SECRET_BROKER_PASSPHRASE_FILE"] = f"/dev/fd/{read_end}"
-    if not home.log.exists():
-        write_private(home.log, b"")
     argv = [sys.executable, "-m", "broker", "serve", "--log-format", "json"]
     if listen:
         argv += ["--listen", listen]
-    with home.log.open("ab") as log:
+    log = open_private(home.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 env=env, pass_fds=pass_fds, start_new_session=True)
+    finally:
+        os.close(log)
     for fd in pass_fds:
         os.close(fd)
     client = BrokerClient(socket_path=home.socket, timeout=2.0)
@@ -84,11 +95,11 @@ def start(home: Home, *, listen: str | None, timeout: float) -> int:
             raise BrokerError(f"the broker exited at start (code {proc.returncode}); the end of "
                               f"{home.log}:\n{_log_tail(home)}")
         try:
-            client.health()
+            answering = client.status()["pid"]  # not proc.pid: the one that answers
         except BrokerNotRunning:
             time.sleep(POLL)
             continue
-        print(f"broker running (pid {proc.pid}); socket {home.socket}; log {home.log}")
+        print(f"broker running (pid {answering}); socket {home.socket}; log {home.log}")
         return 0
     proc.terminate()
     raise BrokerError(f"the broker did not answer within {timeout:g} s; the end of "

@@ -41,7 +41,8 @@ class FileVault:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # Every vault write holds this lock, so a temp file seen now is one a killed
-            # writer left behind (write_private's `.NAME.tmpPID`): sealed, but clutter.
+            # writer left behind (write_private's `.NAME.tmp-RANDOM`, or `.NAME.tmpPID` from
+            # older versions): sealed, but clutter.
             for stale in self._dir.glob(".*.sbv.tmp*"):
                 stale.unlink(missing_ok=True)
             yield

@@ -421,12 +421,14 @@ def test_kill9_during_rotate_leaves_old_or_new(cli: Cli) -> None:
 
 
 def test_next_write_sweeps_a_killed_writers_temp_file(cli: Cli) -> None:
-    """A `.NAME.tmpPID` left by a writer killed before its rename goes at the next write."""
+    """A `.NAME.tmp-RANDOM` left by a writer killed before its rename goes at the next write,
+    and so does an older version's `.NAME.tmpPID`."""
     cli.add("@k", "v1")
-    stale = cli.home / "vault" / ".s-k.sbv.tmp99999"
-    stale.write_bytes(b"sealed bytes a killed rotate left")
+    stale = [cli.home / "vault" / name for name in (".s-k.sbv.tmp-x1y2z3w4", ".s-k.sbv.tmp99999")]
+    for path in stale:
+        path.write_bytes(b"sealed bytes a killed rotate left")
     cli.ok("rotate", "@k", "--stdin", input="v2")
-    assert not stale.exists()
+    assert not any(path.exists() for path in stale)
     assert value_of(cli, "@k") == "v2"
 
 

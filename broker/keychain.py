@@ -76,6 +76,14 @@ def find_backend() -> Any:
     return backend
 
 
+def _same_directory(one: str, two: str) -> bool:
+    """Two paths of one directory (a bind mount); False when either is gone."""
+    try:
+        return os.path.samefile(one, two)
+    except OSError:
+        return False
+
+
 class Keychain:
     """Values under service `secret-broker:<instance id>`, username = ref."""
 
@@ -110,7 +118,8 @@ class Keychain:
         owner = self._call("get_password", HOME_KEY)
         if owner == here:
             return
-        if owner is not None and read_instance_id(Home(Path(owner)).metadata) == instance_id:
+        if owner is not None and not _same_directory(owner, here) and \
+                read_instance_id(Home(Path(owner)).metadata) == instance_id:
             raise UnlockFailed(
                 f"{here} is a copy of the keychain home {owner}: both use the same OS keychain "
                 "entries, so a change here would change that home's secrets; nothing was done. "

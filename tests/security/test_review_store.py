@@ -80,6 +80,24 @@ def test_a_moved_or_restored_keychain_home_keeps_working(keychain_homes: Any) ->
     restored.home.rename(orig.home)  # where the fixture looks to delete the entries
 
 
+@needs_secret_service
+def test_a_keychain_home_reached_by_a_second_path_is_no_copy(keychain_homes: Any) -> None:
+    """The same directory under a bind mount is the same home, not a copy: it works, and so
+    does the first path afterwards."""
+    orig: Cli = keychain_homes("orig")
+    orig.add("@a", "v1")
+    mnt = orig.home.parent / "second"
+    mnt.mkdir()
+    subprocess.run(["mount", "--bind", str(orig.home), str(mnt)], check=True)  # root, as in CI
+    try:
+        second = Cli(mnt, base_env(mnt))
+        second.ok("rotate", "@a", "--stdin", input="v2")
+        assert value_of(second, "@a") == "v2"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert value_of(orig, "@a") == "v2"
+
+
 # --- 2. a vault file of an earlier incarnation ------------------------------------------------
 
 

@@ -8,10 +8,16 @@ resolved backend differs from what one expects).
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from broker.errors import KeychainUnavailable, SecretNotFound
+from broker.config import Home
+from broker.errors import KeychainUnavailable, SecretNotFound, UnlockFailed
+from broker.metadata import read_instance_id
+
+HOME_KEY = "!home"  # the real path of the home these entries belong to
 
 # Backends that keep secrets in an OS-protected store. Anything else (keyrings.alt's
 # plaintext files, the null and fail backends, chainers) is refused.
@@ -70,6 +76,14 @@ def find_backend() -> Any:
     return backend
 
 
+def _same_directory(one: str, two: str) -> bool:
+    """Two paths of one directory (a bind mount); False when either is gone."""
+    try:
+        return os.path.samefile(one, two)
+    except OSError:
+        return False
+
+
 class Keychain:
     """Values under service `secret-broker:<instance id>`, username = ref."""
 
@@ -92,11 +106,39 @@ class Keychain:
                 f"({type(exc).__name__}); is it locked?"
             ) from None
 
+    def claim(self, home: Home, instance_id: str) -> None:
+        """Refuse a copy of the home these entries belong to (`cp -a` copies the instance id,
+        so a copy would overwrite and delete the original's values).
+
+        The keychain records the real path of the home that owns the entries. Another path
+        is a copy while the recorded one still holds a home with the same instance id;
+        otherwise the home was moved or restored from a backup, and takes the entries over.
+        """
+        here = os.path.realpath(home.root)
+        owner = self._call("get_password", HOME_KEY)
+        if owner == here:
+            return
+        if owner is not None and not _same_directory(owner, here) and \
+                read_instance_id(Home(Path(owner)).metadata) == instance_id:
+            raise UnlockFailed(
+                f"{here} is a copy of the keychain home {owner}: both use the same OS keychain "
+                "entries, so a change here would change that home's secrets; nothing was done. "
+                f"Run `secret-broker export` in {owner} and `secret-broker import` into a new "
+                "home made by `secret-broker init`, then delete this copy (or delete "
+                f"{owner} if this copy is to replace it)", code="home_copied")
+        self._call("set_password", HOME_KEY, here)
+
+    def location(self, ref: str) -> str:
+        return f"the OS keychain entry {ref} of {self._service}"
+
     def get(self, ref: str) -> str:
         value = self._call("get_password", ref)
         if value is None:
             raise SecretNotFound(f"no stored value for @{ref} in the OS keychain")
         return str(value)
+
+    def get_versioned(self, ref: str) -> tuple[str, int | None]:
+        return self.get(ref), None  # the keychain keeps no version
 
     def put(self, ref: str, value: str, version: int) -> None:
         del version  # the keychain keeps one value per name; metadata.db holds the version

@@ -117,6 +117,27 @@ class TokenMeta:
         return doc
 
 
+def case_twin_message(ref: str, twin: str) -> str:
+    return (f"@{ref} differs from @{twin} only in case; refs are compared without case "
+            f"(a file vault on macOS or Windows could not keep both): use @{twin} or another "
+            "name")
+
+
+def read_instance_id(path: Path) -> str | None:
+    """The instance id in another home's metadata.db, read-only; None if there is none."""
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
+
+
 class Metadata:
     """One connection per process; SQLite's own locking serialises concurrent writers."""
 
@@ -148,6 +169,9 @@ class Metadata:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def advance_checkpoint(self, seq: int, mac: str) -> None:
         """Record the newest audit (seq, mac), never moving backwards."""
         with self._db:
@@ -162,10 +186,21 @@ class Metadata:
         return None if seq is None or mac is None else (int(seq), mac)
 
     def require_absent(self, ref: str) -> None:
+        """Refuse `ref`, and a ref that differs from it only in case: a file vault on a
+        case-insensitive file system (macOS, Windows) would keep both in one file."""
         if self.find(ref) is not None:
             raise SecretExists(
                 f"@{ref} already exists; use `secret-broker rotate @{ref}` to replace its value"
             )
+        twin = self.case_twin(ref)
+        if twin is not None:
+            raise SecretExists(case_twin_message(ref, twin))
+
+    def case_twin(self, ref: str) -> str | None:
+        """A stored ref equal to `ref` but for case (refs are ASCII, so NOCASE covers them)."""
+        row = self._db.execute("SELECT ref FROM secrets WHERE ref = ? COLLATE NOCASE AND ref != ?",
+                               (ref, ref)).fetchone()
+        return None if row is None else str(row[0])
 
     def insert(self, meta: SecretMeta, *, replace: bool = False) -> None:
         verb = "INSERT OR REPLACE" if replace else "INSERT"

@@ -39,7 +39,7 @@ from broker.errors import (
     UnlockFailed,
     UsageError,
 )
-from broker.metadata import Metadata, SecretMeta, TokenMeta
+from broker.metadata import Metadata, SecretMeta, TokenMeta, case_twin_message
 from broker.store import KINDS, SecretStore, choose_backend, open_store, parse_ref
 from broker.usage import DIMENSIONS, UsageRow, group, utc_day
 
@@ -51,6 +51,10 @@ INSTANCE_KEY = "!instance-key"
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
 CONSUMER_TOKEN_PREFIX = "sbc_"  # noqa: S105 - a prefix, not a token
 CONSUMER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# No API key, token or certificate comes near it; it keeps a mistaken file (a disk image
+# piped to `add`) out of the store, the daemon's memory and every export.
+MAX_VALUE_BYTES = 64 * 1024
+MAX_VERSION = 2**53 - 1  # exact in every JSON reader; rotate never gets near it
 PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 EXAMPLE_GRANTS = """\
@@ -195,6 +199,7 @@ class Service:
                               now, None, None)
             self.record("secret.added", secret_ref=ref, provider=provider, kind=kind,
                         backend=self.store.name, version=1)
+            self.metadata.delete_meta(_note(ref))  # a note of an earlier incarnation
             self.store.put(ref, value, 1)
             self.metadata.insert(meta)
         return meta
@@ -205,27 +210,40 @@ class Service:
         with self._writing():
             old = self._settle_rotate(self.metadata.get(ref))
             version = old.version + 1
-            fingerprint = self.fingerprint(value)
             self.record("secret.rotated", secret_ref=ref, version=version)
-            # Noted before the store write: a crash between that write and the metadata
-            # update leaves the new value, which value() must still hand out (SPEC §3).
-            self.metadata.set_meta(f"rotating:{ref}", f"{version}:{fingerprint}")
-            self.store.put(ref, value, version)
+            fingerprint = self._replace_value(ref, value, version)
             self.metadata.set_value_info(ref, fingerprint, version, audit.rfc3339())
         return self.metadata.get(ref)
 
+    def _replace_value(self, ref: str, value: str, version: int) -> str:
+        """Store a value over a live one (rotate, import --replace); returns its fingerprint.
+
+        Noted before the store write: a crash between that write and the metadata update
+        leaves the new value, which value() must still hand out (SPEC §3)."""
+        fingerprint = self.fingerprint(value)
+        self.metadata.set_meta(_note(ref), f"{version}:{fingerprint}")
+        self.store.put(ref, value, version)
+        return fingerprint
+
+    def _noted(self, meta: SecretMeta) -> tuple[int, str] | None:
+        """The (version, fingerprint) a replace killed mid-way was writing past `meta`."""
+        version, _, fingerprint = (self.metadata.get_meta(_note(meta.ref)) or "").partition(":")
+        if not version.isdigit() or int(version) <= meta.version:
+            return None
+        return int(version), fingerprint
+
     def _settle_rotate(self, meta: SecretMeta) -> SecretMeta:
-        """Record a rotate that was killed after its store write, before noting another."""
-        noted = self.metadata.get_meta(f"rotating:{meta.ref}") or ""
-        if not noted.startswith(f"{meta.version + 1}:"):
+        """Record a replace that was killed after its store write, before noting another."""
+        noted = self._noted(meta)
+        if noted is None:
             return meta
         try:
             fingerprint = self.fingerprint(self.store.get(meta.ref))
         except BrokerError:
             return meta  # unreadable: the rotate under way replaces it anyway
-        if not hmac.compare_digest(f"{meta.version + 1}:{fingerprint}", noted):
+        if not hmac.compare_digest(fingerprint, noted[1]):
             return meta  # killed before its store write: the store still holds `meta`'s value
-        self.metadata.set_value_info(meta.ref, fingerprint, meta.version + 1, audit.rfc3339())
+        self.metadata.set_value_info(meta.ref, fingerprint, noted[0], audit.rfc3339())
         return self.metadata.get(meta.ref)
 
     def remove(self, ref: str) -> SecretMeta:
@@ -235,6 +253,8 @@ class Service:
             self.record("secret.removed", secret_ref=ref, version=meta.version)
             self.store.delete(ref)
             self.metadata.delete(ref)
+            # A vault file of this incarnation, restored later, must not match the note.
+            self.metadata.delete_meta(_note(ref))
         return meta
 
     def list_secrets(self) -> list[SecretMeta]:
@@ -250,16 +270,23 @@ class Service:
         file restored from an old copy still decrypts, but it holds a retired value."""
         ref = parse_ref(ref)
         meta = self.metadata.get(ref)  # no metadata is "not found", whatever the store has
-        value = self.store.get(ref)
+        value, sealed = self.store.get_versioned(ref)
         fingerprint = self.fingerprint(value)
-        # An interrupted rotate (the store holds the next version, metadata still this one)
-        # is not a rollback: accept exactly the value that rotate was writing.
-        interrupted = self.metadata.get_meta(f"rotating:{ref}") or ""
-        if not (hmac.compare_digest(fingerprint, meta.fingerprint) or hmac.compare_digest(
-                f"{meta.version + 1}:{fingerprint}", interrupted)):
-            raise UnlockFailed(f"the stored value of @{ref} is not the one its metadata records "
-                               "(restored from an old copy, or changed outside secret-broker); "
-                               f"rotate @{ref} to fix it")
+        # An interrupted replace (the store holds a later version, metadata still this one)
+        # is not a rollback: accept exactly the value and version it was writing.
+        noted = self._noted(meta)
+        if hmac.compare_digest(fingerprint, meta.fingerprint):
+            version = meta.version
+        elif noted is not None and hmac.compare_digest(fingerprint, noted[1]):
+            version = noted[0]
+        else:
+            raise UnlockFailed(f"{self.store.location(ref)} does not hold the value of @{ref} "
+                               "that its metadata records (restored from an old copy, or "
+                               f"changed outside secret-broker); rotate @{ref} to fix it")
+        if sealed is not None and sealed != version:
+            raise UnlockFailed(f"{self.store.location(ref)} holds version {sealed} of @{ref} but "
+                               f"its metadata records version {version} (restored from an old "
+                               f"copy); rotate @{ref} to fix it")
         return value
 
     def touch(self, ref: str) -> None:
@@ -323,9 +350,12 @@ class Service:
         replaced ref's version moves past its old one, so the daemon drops the old value
         and the leases that carry it.
         """
-        for s in entries:
-            _check_secret(s.provider, s.kind, s.value)
+        _check_entries(entries)  # every entry, before anything is written
         with self._writing():
+            for s in entries:
+                twin = self.metadata.case_twin(s.ref)
+                if twin is not None:
+                    raise SecretExists(f"{case_twin_message(s.ref, twin)}; nothing was imported")
             old = {s.ref: self.metadata.find(s.ref) for s in entries}
             taken = [f"@{ref}" for ref, meta in old.items() if meta is not None]
             if taken and not replace:
@@ -335,13 +365,17 @@ class Service:
             for s in entries:
                 before = old[s.ref]
                 version = s.version if before is None else max(s.version, before.version + 1)
-                meta = SecretMeta(s.ref, s.provider, s.kind, self.store.name,
-                                  self.fingerprint(s.value), version, s.created_at,
-                                  s.rotated_at, None)
                 self.record("secret.imported", secret_ref=s.ref, provider=s.provider,
                             kind=s.kind, backend=self.store.name, version=version,
                             outcome="added" if before is None else "replaced")
-                self.store.put(s.ref, s.value, version)
+                if before is None:
+                    self.metadata.delete_meta(_note(s.ref))  # of an earlier incarnation
+                    self.store.put(s.ref, s.value, version)
+                    fingerprint = self.fingerprint(s.value)
+                else:
+                    fingerprint = self._replace_value(s.ref, s.value, version)
+                meta = SecretMeta(s.ref, s.provider, s.kind, self.store.name, fingerprint,
+                                  version, s.created_at, s.rotated_at, None)
                 self.metadata.insert(meta, replace=True)
                 imported.append(meta)
         return imported
@@ -452,3 +486,35 @@ def _check_value(value: str) -> None:
         raise UsageError("the value is empty; nothing was stored")
     if "\x00" in value:
         raise UsageError("the value contains a NUL byte; nothing was stored")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UsageError("the value is not valid Unicode text (an unpaired surrogate); "
+                         "nothing was stored") from None
+    if size > MAX_VALUE_BYTES:
+        raise UsageError(f"the value is {size} bytes; values are limited to 64 KiB "
+                         f"({MAX_VALUE_BYTES} bytes); nothing was stored")
+
+
+def _check_entries(entries: Sequence[ExportedSecret]) -> None:
+    """Every imported entry is valid, and no two refs differ only in case; the first
+    fault is named by its ref (never a value)."""
+    seen: dict[str, str] = {}
+    for s in entries:
+        ref = parse_ref(s.ref)
+        try:
+            _check_secret(s.provider, s.kind, s.value)
+        except UsageError as exc:
+            raise UsageError(f"@{ref}: {exc.message}") from None
+        if isinstance(s.version, bool) or not 1 <= s.version <= MAX_VERSION:
+            raise UsageError(f"@{ref}: version {s.version} is outside 1..{MAX_VERSION}; "
+                             "nothing was imported")
+        if ref.lower() in seen:
+            raise UsageError(f"@{seen[ref.lower()]} and @{ref} are both in the export and "
+                             "refs are compared without case; nothing was imported")
+        seen[ref.lower()] = ref
+
+
+def _note(ref: str) -> str:
+    """The metadata key noting a value replace under way: "version:fingerprint"."""
+    return f"rotating:{ref}"

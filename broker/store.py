@@ -23,6 +23,10 @@ class SecretStore(Protocol):
     name: str
 
     def get(self, ref: str) -> str: ...
+    def get_versioned(self, ref: str) -> tuple[str, int | None]:
+        """The value and the version sealed with it (None where the store keeps none)."""
+    def location(self, ref: str) -> str:
+        """Where the value is kept, for messages (a file, a keychain entry)."""
     def put(self, ref: str, value: str, version: int) -> None: ...
     def delete(self, ref: str) -> None: ...
 
@@ -42,7 +46,9 @@ def open_store(home: Home, backend: str, instance_id: str,
     if backend == "keychain":
         from broker.keychain import Keychain
 
-        return Keychain(instance_id)
+        keychain = Keychain(instance_id)
+        keychain.claim(home, instance_id)
+        return keychain
     from broker.vault import open_vault
 
     return open_vault(home, environ)

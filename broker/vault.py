@@ -50,6 +50,12 @@ class FileVault:
             os.close(fd)  # closing releases the lock
 
     def get(self, ref: str) -> str:
+        return self.get_versioned(ref)[0]
+
+    def location(self, ref: str) -> str:
+        return str(self._dir / _file_name(ref))
+
+    def get_versioned(self, ref: str) -> tuple[str, int | None]:
         path = self._dir / _file_name(ref)
         check_private(path)
         try:
@@ -57,10 +63,10 @@ class FileVault:
         except FileNotFoundError:
             raise SecretNotFound(f"no stored value for @{ref} in the file vault") from None
         try:
-            _version, value = envelope.open_secret(self._key, ref, blob)
+            version, value = envelope.open_secret(self._key, ref, blob)
         except envelope.EnvelopeError as exc:
             raise UnlockFailed(str(exc)) from None
-        return value.decode("utf-8")
+        return value.decode("utf-8"), version
 
     def put(self, ref: str, value: str, version: int) -> None:
         blob = envelope.seal_secret(self._key, ref, version, value.encode("utf-8"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from broker.keychain import HOME_KEY
 from tests.conftest import CANARY, CANARY_2, Cli, base_env, scan
 
 NO_BUS = {"DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent/bus"}
@@ -84,7 +85,7 @@ def keychain_homes(tmp_path: Path) -> Iterator[Any]:
         db = sqlite3.connect(home / "metadata.db")
         refs = [r for (r,) in db.execute("SELECT ref FROM secrets")]
         db.close()
-        for ref in [*refs, "!instance-key"]:
+        for ref in [*refs, "!instance-key", HOME_KEY]:
             with contextlib.suppress(Exception):
                 backend.delete_password(service, ref)
 
@@ -171,9 +172,9 @@ def test_init_picks_keychain_when_one_answers(home: Path) -> None:
         assert "backend: keychain (an OS keychain answers on this machine)" in out
         assert 'backend = "keychain"' in (home / "config.toml").read_text()
     finally:
-        with contextlib.suppress(Exception):
-            secret_service().delete_password(f"secret-broker:{instance_id(home)}",
-                                             "!instance-key")
+        for name in ("!instance-key", HOME_KEY):
+            with contextlib.suppress(Exception):
+                secret_service().delete_password(f"secret-broker:{instance_id(home)}", name)
 
 
 @needs_secret_service

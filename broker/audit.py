@@ -138,8 +138,8 @@ def parse_since(text: str) -> float:
     return moment.timestamp()
 
 
-def read_events(path: Path) -> Iterator[dict[str, Any]]:
-    for line in read_lines(path):
+def read_events(path: Path, *, newest_first: bool = False) -> Iterator[dict[str, Any]]:
+    for line in read_lines_backwards(path) if newest_first else read_lines(path):
         try:
             yield json.loads(line)
         except ValueError:
@@ -153,6 +153,26 @@ def read_lines(path: Path) -> Iterator[bytes]:
                 yield raw.rstrip(b"\n")
     except FileNotFoundError:
         return
+
+
+def read_lines_backwards(path: Path, block: int = 65536) -> Iterator[bytes]:
+    """The file's lines, newest first, read in blocks from its end: the newest events of a
+    large log cost a block or two, never the whole file in memory."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        pos, tail = fh.seek(0, os.SEEK_END), b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            lines = (fh.read(step) + tail).split(b"\n")
+            tail = lines[0]  # may be the end of a line that starts in an earlier block
+            yield from (line for line in reversed(lines[1:]) if line)
+        if tail:
+            yield tail
 
 
 def matches(record: dict[str, Any], *, ref: str | None, event: str | None,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker.errors import Unauthorized
 
@@ -144,4 +144,56 @@ class FailureThrottle:
             self._failures.clear()
         self._failures[peer] = (count + 1, since)
         excess = count + 1 - self._free
-        return 0.0 if excess <= 0 else min(self._cap, 0.01 * 2 ** (excess - 1))
+        # Bound the exponent, not just the result: 0.01 * 2 ** 1100 overflows a float.
+        return 0.0 if excess <= 0 else min(self._cap, 0.01 * 2.0 ** min(excess - 1, 64))
+
+
+@dataclass
+class _Window:
+    opened: float
+    fields: dict[str, Any]  # the first refusal's, as written at once
+    more: int = 0  # refusals after the first, still to be written as one line
+    delay: float = 0.0  # the longest slow-down imposed in the window
+
+
+class RefusalTally:
+    """Keeps a flood of refusals from filling the disk: the first refusal of a
+    (event, reason, peer bucket, token id) is written at once, the rest of its `window` are
+    counted and written as one line with `count` when the window closes.
+
+    Keys are bounded: peers that share a throttle bucket share a key, and past `max_keys`
+    open windows new peers share one (`peer` "other").
+    """
+
+    def __init__(self, window: float = 60.0, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._window, self._max_keys, self._clock = window, max_keys, clock
+        self._open: dict[tuple[str | None, ...], _Window] = {}
+
+    def first(self, event: str, bucket: str, fields: dict[str, Any], delay: float) -> bool:
+        """Count one refusal; True when it opens a window and must be written now."""
+        key = (event, fields.get("reason"), bucket, fields.get("token_id"))
+        if key not in self._open and len(self._open) >= self._max_keys:
+            key, fields = (event, fields.get("reason"), "other", None), {
+                **fields, "peer": "other", "token_id": None}
+        window = self._open.get(key)
+        if window is None:
+            self._open[key] = _Window(self._clock(), fields, delay=delay)
+            return True
+        window.more += 1
+        window.delay = max(window.delay, delay)
+        return False
+
+    def closed(self, *, everything: bool = False) -> list[tuple[str, dict[str, Any], float]]:
+        """Windows that ended (all of them with `everything`, at shutdown) and counted more
+        refusals: (event, fields with `count`, longest delay). Their keys start afresh."""
+        now = self._clock()
+        done = [k for k, w in self._open.items() if everything or now - w.opened >= self._window]
+        out = []
+        for key in done:
+            window = self._open.pop(key)
+            if window.more:
+                fields = {k: window.fields.get(k) for k in ("reason", "peer", "status",
+                                                            "token_id")}
+                out.append((str(key[0]), {**fields, "count": window.more}, window.delay))
+        return out

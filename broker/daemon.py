@@ -32,6 +32,7 @@ from broker.auth import (
     ConsumerToken,
     FailureThrottle,
     Principal,
+    RefusalTally,
     presented_token,
 )
 from broker.config import Config, Home, check_private, load_config, open_private, private_dir
@@ -73,6 +74,7 @@ class BrokerState:
         self.providers: dict[str, Provider] = build_providers(config.providers)
         self.auth = Authenticator(service.home.token)
         self.throttle = FailureThrottle()
+        self.refusals = RefusalTally()
         self.access = Access(service.home.grants, self.record)
         self.admin = service.as_actor("admin")
         self.started = time.time()
@@ -106,6 +108,31 @@ class BrokerState:
             self.record(event, **fields)
         except AuditUnavailable as exc:
             log.error("audit.failed", audit_event=event, error=exc.message)
+
+    async def refuse(self, request: web.Request, event: str, reason: str, status: int,
+                     **fields: Any) -> None:
+        """An unauthenticated refusal (foreign Host or Origin, bad or missing token, bad login
+        code): audited and logged once per peer, reason and window, the rest counted
+        (`RefusalTally`), and slowed (`FailureThrottle`), so a flood neither fills the disk
+        nor guesses fast. A valid token never comes here, so the owner is never slowed."""
+        peer = request.remote or "unix"
+        # Any local process may bind any 127/8 source address, so loopback peers share
+        # one bucket: rotating addresses must not reset the slowdown nor open new windows.
+        bucket = "loopback" if _host_is_loopback(peer) else peer
+        request["refused"] = True  # the tally's lines stand in for the per-request log line
+        delay = self.throttle.penalty(bucket)
+        first = {"reason": reason, "peer": peer, "status": status,
+                 "route": request.path[:200], **fields}
+        if self.refusals.first(event, bucket, first, delay):
+            self.record(event, **first)
+            log.warning(event, **first, delay_ms=round(delay * 1000))
+        await asyncio.sleep(delay)
+
+    def flush_refusals(self, *, everything: bool = False) -> None:
+        """Write the refusals counted in windows that closed (all of them at shutdown)."""
+        for event, fields, delay in self.refusals.closed(everything=everything):
+            self.record_safely(event, **fields)
+            log.warning(event, **fields, delay_ms=round(delay * 1000))
 
     def check_audit(self) -> None:
         """Before acting: 503 while the log's file system is full or read-only; and while
@@ -286,10 +313,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = error_response(request, _from_http(exc))
     state = request.app[STATE]
     state.requests[str(response.status)] += 1
-    log.info("request", method=request.method, route=request.get("route", request.path),
-             status=response.status, consumer=request.get("consumer"),
-             lease_id=request.get("lease_id"),
-             duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    if not request.get("refused"):  # refusals are logged once per window (BrokerState.refuse)
+        log.info("request", method=request.method, route=request.get("route", request.path),
+                 status=response.status, consumer=request.get("consumer"),
+                 lease_id=request.get("lease_id"),
+                 duration_ms=round((time.perf_counter() - started) * 1000, 2))
     return response
 
 
@@ -321,8 +349,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     elif "Origin" in request.headers:
         refusal = ("origin_not_allowed", "requests from web pages (with an Origin) are refused")
     if refusal is not None:
-        request.app[STATE].record("request.refused", reason=refusal[0], status=403,
-                                  route=request.path[:200])
+        await request.app[STATE].refuse(request, "request.refused", refusal[0], 403)
         raise Forbidden(refusal[1], code=refusal[0])
     return await handler(request)
 
@@ -346,15 +373,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         principal = state.auth.authenticate(token, via(request),
                                             dashboard=request.path.startswith(ui.API))
     except Unauthorized as exc:
-        peer = request.remote or "unix"
-        state.record("auth.failed", reason="missing" if token is None else "invalid",
-                     peer=peer, route=request.path[:200], status=401, token_id=exc.token_id)
-        # Any local process may bind any 127/8 source address, so loopback peers share
-        # one bucket: rotating addresses must not reset the slowdown.
-        delay = state.throttle.penalty("loopback" if _host_is_loopback(peer) else peer)
-        if delay:
-            log.warning("auth.throttled", peer=peer, delay_ms=round(delay * 1000))
-        await asyncio.sleep(delay)
+        await state.refuse(request, "auth.failed", "missing" if token is None else "invalid",
+                           401, token_id=exc.token_id)
         raise
     if principal.kind == "consumer" and request.path.startswith(OWNER_ONLY):
         raise Forbidden("only the owner's token or the Unix socket may use this route",
@@ -374,7 +394,17 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    """The owner sees everything; a consumer token only what is its own (no grants file
+    error, no other consumer's counts, nothing of the backend or the files)."""
     state = request.app[STATE]
+    principal: Principal = request["principal"]
+    if principal.consumer is not None:
+        own = [lease for lease in state.access.table.list()
+               if lease.consumer == principal.consumer]
+        return web.json_response({
+            "status": "ok", "version": __version__,
+            "uptime_secs": round(time.time() - state.started, 1),
+            "consumer": principal.consumer, "leases": {"active": len(own)}})
     grants = state.access.state
     return web.json_response({
         "status": "ok",
@@ -692,6 +722,7 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
         task.cancel()
     state.flush_last_used()
     state.flush_usage(usage_db)
+    state.flush_refusals(everything=True)
     with contextlib.suppress(BrokerError):
         state.record("broker.stopped", pid=os.getpid())
     state.service.audit_log.close()
@@ -722,4 +753,5 @@ async def _housekeeping(state: BrokerState) -> None:
     state.refresh()
     state.end_leases_of_dead_tokens()  # tokens expire without any commit to notice
     state.flush_last_used()
+    state.flush_refusals()
 

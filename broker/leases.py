@@ -79,6 +79,8 @@ class Access:
         self._record_revoked(revoked, "grant removed")
 
     def reload_if_changed(self) -> None:
+        """Reload when the file's inode, size or mtime changed: one stat, cheap enough for
+        every decision, so an edit that removes a grant denies the very next request."""
         if _signature(self._path) != self._signature:
             self.reload("file changed")
 
@@ -97,7 +99,11 @@ class Access:
     # --- leases -----------------------------------------------------------------------------
 
     def decide(self, request: AccessRequest) -> Decision:
-        """The loaded policy's answer, without a lease or an audit record (for explain)."""
+        """The current policy's answer, without a lease or an audit record (for explain)."""
+        self.reload_if_changed()
+        return self._policy(request)
+
+    def _policy(self, request: AccessRequest) -> Decision:
         if not self.state.valid:
             return Deny("the grants file is invalid, so everything is denied until it is "
                         f"fixed: {self.state.error}")
@@ -105,12 +111,13 @@ class Access:
 
     def acquire(self, request: AccessRequest, secret_version: int, **audit: Any) -> Lease:
         """An active lease for this request, or a new one if a grant allows it."""
+        self.reload_if_changed()  # before reusing a lease: its grant may just have gone
         ref = request.secret_ref.lstrip("@")
         key = (request.consumer, ref, request.purpose, request.delivery, request.host)
         lease = self.table.active(key)
         if lease is not None and lease.secret_version == secret_version:
             return lease
-        decision = self.decide(request)
+        decision = self._policy(request)
         fields = dict(consumer=request.consumer, secret_ref=ref, purpose=request.purpose,
                       delivery=request.delivery, host=request.host, **audit)
         if isinstance(decision, Deny):

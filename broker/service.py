@@ -438,9 +438,16 @@ class Service:
         check_private(self.home.audit)
         ref = parse_ref(ref) if ref else None
         after = audit.parse_since(since) if since else None
-        events = [e for e in audit.read_events(self.home.audit)
-                  if audit.matches(e, ref=ref, event=event, since=after)]
-        return events[-limit:] if limit else events
+        if not limit:
+            return [e for e in audit.read_events(self.home.audit)
+                    if audit.matches(e, ref=ref, event=event, since=after)]
+        newest: list[dict[str, Any]] = []  # read from the end: memory bounded by `limit`
+        for e in audit.read_events(self.home.audit, newest_first=True):
+            if audit.matches(e, ref=ref, event=event, since=after):
+                newest.append(e)
+                if len(newest) == limit:
+                    break
+        return newest[::-1]
 
     def verify_audit(self) -> audit.Verdict:
         check_private(self.home.audit)

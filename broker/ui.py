@@ -200,8 +200,7 @@ async def start_session(request: web.Request) -> web.Response:
     try:
         token, expires_at = request.app[LOGINS].redeem(code)
     except Unauthorized:
-        state.record("auth.failed", reason="login_code", route=SESSION, status=401,
-                     peer=request.remote)
+        await state.refuse(request, "auth.failed", "login_code", 401)
         raise
     state.record("ui.session_started", peer=request.remote)
     return web.json_response({"token": token, "expires_at": rfc3339(expires_at)})

@@ -74,8 +74,10 @@ def test_login_link_works_once(site: Site, watched: Watched) -> None:
     reply = http(site, "POST", "/ui/api/session", body={"code": url.split("#code=")[1]})
     assert (reply.status, reply.code) == (401, "unauthorized")
     assert len(site.events("ui.session_started")) >= 1
+    # Both refusals are audited: the first of the window at once, the rest counted (written
+    # as one line with `count` when the window closes).
     failed = [e for e in site.events("auth.failed") if e.get("reason") == "login_code"]
-    assert len(failed) >= 2 and {e["status"] for e in failed} == {401}
+    assert len(failed) >= 1 and {e["status"] for e in failed} == {401}
     assert watched.context.cookies() == []
     assert watched.errors == []
     assert watched.leaks(CANARY, url.split("#code=")[1]) == []
@@ -305,10 +307,12 @@ def test_another_local_page_is_refused_and_changes_nothing(site: Site, watched: 
     def refused() -> list[dict[str, Any]]:
         return [e for e in site.events()[seen:] if e["event"] == "request.refused"]
 
-    wait_for(lambda: len(refused()) >= len(expected), what="every attempt to be audited")
-    assert sorted(e["route"] for e in refused()) == expected
+    # The first refusal of the window is written at once, the rest are counted (and written
+    # as one line with `count` when the window closes): one line, and nothing else happened.
+    wait_for(refused, what="the attempts to be audited")
+    assert next(e["route"] for e in refused()) in expected
     assert {(e["reason"], e["status"]) for e in refused()} == {("origin_not_allowed", 403)}
-    assert [e["event"] for e in site.events()[seen:]] == ["request.refused"] * len(expected)
+    assert [e["event"] for e in site.events()[seen:]] == ["request.refused"]
     after = client.request("GET", "/v1/admin/secrets"), client.request("GET", "/v1/admin/tokens")
     assert after == before
     dashboard.get_by_role("tab", name="Audit").click()  # the owner's tab still works

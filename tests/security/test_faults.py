@@ -311,7 +311,9 @@ def test_sigkill_mid_request_loses_no_acknowledged_audit_event(broker: Broker) -
     after = (b.cli.home / "audit.log").read_bytes()
     assert after.startswith(acknowledged)
     kinds = Counter(e["event"] for e in b.events())
-    assert (kinds["auth.failed"], kinds["request.refused"], kinds["lease.denied"]) == (3, 2, 1)
+    # A window's first refusal is written at once; the rest are counted in memory until the
+    # window closes, so SIGKILL loses those counts (never an acknowledged line).
+    assert (kinds["auth.failed"], kinds["request.refused"], kinds["lease.denied"]) == (1, 1, 1)
     assert kinds["lease.issued"] == 2  # the stream's decision was recorded before it went out
     assert kinds["broker.stopped"] == 0
     verify_audit(b.cli)

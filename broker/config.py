@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,26 @@ def check_private(path: Path) -> None:
             f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
             f"fix it with: chmod {fix} {path}"
         )
+
+
+# Files named by the environment that hold a passphrase, key or token: kept private like
+# the home's own files (`check` reports them; `check --fix` leaves files outside the home).
+SECRET_FILE_VARS = ("SECRET_BROKER_PASSPHRASE_FILE", "SECRET_BROKER_EXPORT_PASSPHRASE_FILE",
+                    "SECRET_BROKER_KEY_FILE", "SECRET_BROKER_TOKEN_FILE")
+
+
+def secret_file_from(env: Mapping[str, str], name: str) -> Path | None:
+    """The file environment variable `name` points at, refused when group or others can
+    use it; None when the variable is unset or empty."""
+    value = env.get(name)
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        check_private(path)
+    except InsecureFile as exc:
+        raise InsecureFile(f"{name}: {exc.message}") from None
+    return path
 
 
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:

@@ -100,17 +100,20 @@ Check = Callable[[Scene], list[Finding]]
 
 
 def loose_paths(home: Home) -> list[tuple[Path, int]]:
-    """Everything in the home that group or others may use, with its mode (links skipped)."""
+    """Everything in the home that group or others may use, with its mode.
+
+    A link is judged by what it points at, the home itself included, as `serve` judges
+    the files it opens; a dangling link has nothing to judge."""
     paths = [home.root]
     for top, dirs, files in os.walk(home.root):
         paths += [Path(top, name) for name in (*dirs, *files)]
     loose = []
     for path in sorted(paths):
         try:
-            mode = path.lstat().st_mode
+            mode = path.stat().st_mode
         except FileNotFoundError:
-            continue  # a temp file or socket gone since the walk
-        if not stat.S_ISLNK(mode) and mode & 0o077:
+            continue  # a temp file or socket gone since the walk, or a dangling link
+        if mode & 0o077:
             loose.append((path, stat.S_IMODE(mode)))
     return loose
 
@@ -119,7 +122,7 @@ def fix_modes(home: Home) -> list[str]:
     """`check --fix`: take group and other permissions away; returns what was done."""
     done = []
     for path, mode in loose_paths(home):
-        os.chmod(path, mode & 0o700, follow_symlinks=False)
+        os.chmod(path, mode & 0o700)
         done.append(f"chmod {mode & 0o700:o} {path}")
     return done
 

@@ -213,6 +213,23 @@ def test_check_follows_a_symlinked_home_as_serve_does(cli: Cli, tmp_path: Path) 
         daemon.stop()
 
 
+def test_check_judges_a_linked_file_in_the_home_by_its_target(cli: Cli, tmp_path: Path) -> None:
+    """broker.token a link to a 0644 file: serve refuses it, check says so, --fix mends it."""
+    target = private_file(tmp_path / "token", (cli.home / "broker.token").read_text(), 0o644)
+    (cli.home / "broker.token").unlink()
+    (cli.home / "broker.token").symlink_to(target)
+    serve = subprocess.run([sys.executable, "-m", "broker", "serve", "--listen", "127.0.0.1:0"],
+                           env=cli.env, capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+    assert serve.returncode == 1 and "broker.token" in serve.stderr
+    doc = json.loads(cli("check", "--json").stdout)
+    assert [f["fix"] for f in doc["errors"]] == [
+        f"chmod 600 {cli.home}/broker.token (or run `secret-broker check --fix`)"]
+    cli.ok("check", "--fix")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert (cli.home / "broker.token").is_symlink()
+
+
 # --- 4. credentials the launcher holds do not reach exec children ---------------------------------
 
 

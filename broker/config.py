@@ -126,6 +126,14 @@ def secret_file_from(env: Mapping[str, str], name: str) -> Path | None:
     return path
 
 
+def without_broker_vars(environ: Mapping[str, str], keep: tuple[str, ...] = ()
+                        ) -> dict[str, str]:
+    """`environ` less every SECRET_BROKER_* variable and CREDENTIALS_DIRECTORY but `keep`:
+    a child started by the broker gets none of the owner's tokens, passphrases or keys."""
+    return {k: v for k, v in environ.items() if k in keep or not (
+        k.startswith("SECRET_BROKER_") or k == "CREDENTIALS_DIRECTORY")}
+
+
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     """Create or replace a file atomically with mode 0600 (temp, fsync, rename, dir fsync).
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.config import Home, load_config
+from broker.config import Home, load_config, without_broker_vars
 from broker.errors import BrokerError, UsageError
 
 EXIT_CODES = """\
@@ -168,7 +168,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         templates, consumer = profile.templates(), profile.consumer
     uses = env_uses(templates)
     values = svc.resolve_for(uses, "secret.exec", consumer, env=uses)
-    env = {k: v for k, v in os.environ.items() if k != "SECRET_BROKER_PASSPHRASE"}
+    env = without_broker_vars(os.environ)  # only the variables asked for reach the child
     env.update((name, render(template, values)) for name, template in templates.items())
     try:
         os.execvpe(command[0], command, env)  # noqa: S606 - exec replaces us, by design

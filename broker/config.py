@@ -9,6 +9,7 @@ import re
 import stat
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,34 @@ def open_private(path: Path, flags: int) -> int:
         os.close(fd)
         raise InsecureFile(f"{path} is not a regular file of this user; remove it (rm {path})")
     return fd
+
+
+# Files named by the environment that hold a passphrase, key or token: kept private like
+# the home's own files (`check` reports them; `check --fix` leaves files outside the home).
+SECRET_FILE_VARS = ("SECRET_BROKER_PASSPHRASE_FILE", "SECRET_BROKER_EXPORT_PASSPHRASE_FILE",
+                    "SECRET_BROKER_KEY_FILE", "SECRET_BROKER_TOKEN_FILE")
+
+
+def secret_file_from(env: Mapping[str, str], name: str) -> Path | None:
+    """The file environment variable `name` points at, refused when group or others can
+    use it; None when the variable is unset or empty."""
+    value = env.get(name)
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        check_private(path)
+    except InsecureFile as exc:
+        raise InsecureFile(f"{name}: {exc.message}") from None
+    return path
+
+
+def without_broker_vars(environ: Mapping[str, str], keep: tuple[str, ...] = ()
+                        ) -> dict[str, str]:
+    """`environ` less every SECRET_BROKER_* variable and CREDENTIALS_DIRECTORY but `keep`:
+    a child started by the broker gets none of the owner's tokens, passphrases or keys."""
+    return {k: v for k, v in environ.items() if k in keep or not (
+        k.startswith("SECRET_BROKER_") or k == "CREDENTIALS_DIRECTORY")}
 
 
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 from broker import __version__, envelope
 from broker.audit import parse_rfc3339
 from broker.client import BrokerClient
-from broker.config import Config, Home, load_config
-from broker.errors import BrokerError, BrokerNotRunning, ConfigError, SecretNotFound
+from broker.config import SECRET_FILE_VARS, Config, Home, load_config, secret_file_from
+from broker.errors import BrokerError, BrokerNotRunning, ConfigError, InsecureFile, SecretNotFound
 from broker.metadata import SecretMeta
 from broker.providers import Provider, build_providers
 from broker.service import Service
@@ -100,17 +100,20 @@ Check = Callable[[Scene], list[Finding]]
 
 
 def loose_paths(home: Home) -> list[tuple[Path, int]]:
-    """Everything in the home that group or others may use, with its mode (links skipped)."""
+    """Everything in the home that group or others may use, with its mode.
+
+    A link is judged by what it points at, the home itself included, as `serve` judges
+    the files it opens; a dangling link has nothing to judge."""
     paths = [home.root]
     for top, dirs, files in os.walk(home.root):
         paths += [Path(top, name) for name in (*dirs, *files)]
     loose = []
     for path in sorted(paths):
         try:
-            mode = path.lstat().st_mode
+            mode = path.stat().st_mode
         except FileNotFoundError:
-            continue  # a temp file or socket gone since the walk
-        if not stat.S_ISLNK(mode) and mode & 0o077:
+            continue  # a temp file or socket gone since the walk, or a dangling link
+        if mode & 0o077:
             loose.append((path, stat.S_IMODE(mode)))
     return loose
 
@@ -119,7 +122,7 @@ def fix_modes(home: Home) -> list[str]:
     """`check --fix`: take group and other permissions away; returns what was done."""
     done = []
     for path, mode in loose_paths(home):
-        os.chmod(path, mode & 0o700, follow_symlinks=False)
+        os.chmod(path, mode & 0o700)
         done.append(f"chmod {mode & 0o700:o} {path}")
     return done
 
@@ -128,6 +131,18 @@ def check_modes(scene: Scene) -> list[Finding]:
     return [error("modes", f"{path} is accessible by group or others (mode {mode:o})",
                   f"chmod {mode & 0o700:o} {path} (or run `secret-broker check --fix`)")
             for path, mode in loose_paths(scene.home)]
+
+
+def check_env_files(scene: Scene) -> list[Finding]:
+    """Passphrase, key and token files the environment names, held to the home's modes."""
+    found = []
+    for name in SECRET_FILE_VARS:
+        try:
+            secret_file_from(scene.service.environ, name)
+        except InsecureFile as exc:
+            path = scene.service.environ[name]
+            found.append(error("modes", exc.message, f"chmod 600 {path}, or unset {name}"))
+    return found
 
 
 def check_config(scene: Scene) -> list[Finding]:
@@ -315,9 +330,9 @@ def check_daemon(scene: Scene) -> list[Finding]:
 
 
 CHECKS: tuple[Check, ...] = (
-    check_modes, check_config, check_grants, check_profiles, check_kdf, check_audit,
-    check_values, check_grant_refs, check_purposes, check_provider_hosts, check_rotation,
-    check_tokens, check_daemon,
+    check_modes, check_env_files, check_config, check_grants, check_profiles, check_kdf,
+    check_audit, check_values, check_grant_refs, check_purposes, check_provider_hosts,
+    check_rotation, check_tokens, check_daemon,
 )
 
 

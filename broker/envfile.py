@@ -15,8 +15,26 @@ from broker.store import parse_ref
 from broker.template import TemplateError, find_refs, ref_template
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Variables that decide which program runs, what it loads or what a shell runs first. exec
+# never sets them, from a flag, an env file or a profile: a child pointed at other code
+# escapes its grants, and a loader echoes a value it cannot load on stderr. The launcher's
+# own environment passes through unchanged.
+LOADER_VARS = frozenset({
+    "PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONBREAKPOINT",
+    "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB",
+    "RUBYOPT", "RUBYLIB", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS",
+    "CLASSPATH", "GCONV_PATH", "GLIBC_TUNABLES", "LOCPATH",
+})
+LOADER_PREFIXES = ("LD_", "DYLD_")
+LOADER_REASON = "it decides which program runs or what it loads"
 _EXPORT = re.compile(r"^export\s+")  # dotenv files written for a shell may carry it
 _QUOTES = ('"', "'")
+
+
+def is_loader_var(name: str) -> bool:
+    """Whether exec refuses to set `name` (see LOADER_VARS)."""
+    return name in LOADER_VARS or name.startswith(LOADER_PREFIXES)
 
 
 def parse_env_flag(item: str) -> tuple[str, str]:
@@ -24,6 +42,8 @@ def parse_env_flag(item: str) -> tuple[str, str]:
     name, sep, ref = item.partition("=")
     if not sep or not ENV_NAME_RE.fullmatch(name) or not ref.startswith("@"):
         raise UsageError(f"--env {item!r}: write it as VAR=@ref")
+    if is_loader_var(name):
+        raise UsageError(f"--env {name}: {name} cannot be set by exec ({LOADER_REASON})")
     return name, ref_template(parse_ref(ref))
 
 
@@ -46,6 +66,8 @@ def parse_env_file(text: str, source: str) -> dict[str, str]:
         if not ENV_NAME_RE.fullmatch(name):
             raise UsageError(f"{where}: the name before '=' must be letters, digits and _, "
                              "not starting with a digit, with no spaces around '='")
+        if is_loader_var(name):
+            raise UsageError(f"{where}: {name} cannot be set by exec ({LOADER_REASON})")
         if name in first_seen:
             raise UsageError(f"{where}: {name} is already set on line {first_seen[name]}")
         first_seen[name] = number

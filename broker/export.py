@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from broker import audit
-from broker.config import Home, check_private, write_private
+from broker.config import Home, check_private, secret_file_from, write_private
 from broker.errors import BrokerError, UnlockFailed, UsageError
 from broker.store import parse_ref
 
@@ -218,9 +218,9 @@ def read_passphrase(env: Mapping[str, str], *, confirm: bool) -> str:
     prompt on the terminal (asked twice when `confirm`)."""
     from broker.vault import obtain_passphrase
 
-    named = env.get("SECRET_BROKER_EXPORT_PASSPHRASE_FILE")
     return obtain_passphrase(
-        Path(named) if named else None, env.get("SECRET_BROKER_EXPORT_PASSPHRASE"),
+        secret_file_from(env, "SECRET_BROKER_EXPORT_PASSPHRASE_FILE"),
+        env.get("SECRET_BROKER_EXPORT_PASSPHRASE"),
         label="export passphrase", confirm=confirm, missing=UsageError(
             "no export passphrase: set SECRET_BROKER_EXPORT_PASSPHRASE_FILE (or "
             "SECRET_BROKER_EXPORT_PASSPHRASE), or run on a terminal to be prompted"))

@@ -12,11 +12,14 @@ import time
 
 from broker import envelope
 from broker.client import BrokerClient
-from broker.config import Home, open_private, private_dir
+from broker.config import Home, open_private, private_dir, without_broker_vars
 from broker.errors import BrokerError, BrokerNotRunning
 from broker.vault import HEADER, passphrase_source, read_passphrase
 
 POLL = 0.05
+# What `serve` reads from the environment; the owner's tokens and export passphrase stay out.
+DAEMON_VARS = ("SECRET_BROKER_HOME", "SECRET_BROKER_KEY_FILE", "SECRET_BROKER_PASSPHRASE_FILE",
+               "SECRET_BROKER_DEBUG", "CREDENTIALS_DIRECTORY")
 
 
 def running_pid(home: Home) -> int | None:
@@ -66,7 +69,7 @@ def start(home: Home, *, listen: str | None, timeout: float) -> int:
     if pid is not None:
         print(f"the broker is already running (pid {pid})")
         return 0
-    env = {k: v for k, v in os.environ.items() if k != "SECRET_BROKER_PASSPHRASE"}
+    env = without_broker_vars(os.environ, keep=DAEMON_VARS)
     pass_fds: tuple[int, ...] = ()
     if _needs_passphrase(home) and (passphrase_source(os.environ) == "env" or
                                      passphrase_source(os.environ) is None):

@@ -19,12 +19,11 @@ import base64
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, NoReturn
 
 from broker import __version__
 from broker.client import BrokerClient
-from broker.config import Home, check_private, load_config
+from broker.config import Home, load_config, secret_file_from
 from broker.errors import BrokerError
 
 TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
@@ -277,12 +276,13 @@ class Tools:
 
 def _token_from(environ: Mapping[str, str]) -> str | None:
     token = environ.get("SECRET_BROKER_TOKEN")
-    path = environ.get("SECRET_BROKER_TOKEN_FILE")
-    if token or not path:
-        return token or None
-    check_private(Path(path))
+    if token:
+        return token
+    path = secret_file_from(environ, "SECRET_BROKER_TOKEN_FILE")
+    if path is None:
+        return None
     try:
-        return Path(path).read_text(encoding="utf-8").strip() or None
+        return path.read_text(encoding="utf-8").strip() or None
     except (OSError, UnicodeDecodeError) as exc:
         raise BrokerError(f"cannot read SECRET_BROKER_TOKEN_FILE {path}: "
                           f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None

@@ -13,16 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.envfile import ENV_NAME_RE
+from broker.envfile import ENV_NAME_RE, LOADER_REASON, is_loader_var
 from broker.errors import ConfigError, Denied, NotFound, UsageError
 from broker.store import REF_RE, parse_ref
 from broker.template import ref_template
 from grants import AccessRequest, Deny, Grant, decide
 
-# Variables that decide which program runs or what it loads: a profile (written for a
-# plugin) must not be able to point the child at other code.
-FORBIDDEN_VARS = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH"})
-FORBIDDEN_PREFIXES = ("DYLD_",)
 PROFILE_KEYS = ("consumer", "env")
 MAX_FILE_BYTES = 1 << 20  # owner-written and small; a mistaken path is not read whole
 
@@ -88,9 +84,8 @@ def _env_entry(key: str, var: str, value: object, problems: list[str]) -> str | 
     """The ref one variable names, or None after recording why it cannot be used."""
     if not ENV_NAME_RE.fullmatch(var):
         problems.append(f"{key}: not a variable name (letters, digits and _, not first a digit)")
-    elif var in FORBIDDEN_VARS or var.startswith(FORBIDDEN_PREFIXES):
-        problems.append(f"{key}: {var} cannot be set from a profile (it decides which "
-                        "program runs or what it loads)")
+    elif is_loader_var(var):
+        problems.append(f"{key}: {var} cannot be set from a profile ({LOADER_REASON})")
     elif not isinstance(value, str):
         problems.append(f"{key}: must be a string naming a secret ref, \"@ref\"")
     else:

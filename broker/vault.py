@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from broker import envelope
-from broker.config import Home, check_private, fsync_dir, write_private
+from broker.config import Home, check_private, fsync_dir, secret_file_from, write_private
 from broker.errors import BrokerError, NotInitialized, SecretNotFound, UnlockFailed, UsageError
 
 HEADER = "header.json"
@@ -139,8 +139,7 @@ def open_vault(home: Home, environ: Mapping[str, str] | None = None) -> FileVaul
 
 
 def read_key_file(home: Home, env: Mapping[str, str]) -> bytes:
-    named = env.get("SECRET_BROKER_KEY_FILE")
-    path = Path(named) if named else home.vault_key
+    path = secret_file_from(env, "SECRET_BROKER_KEY_FILE") or home.vault_key
     check_private(path)
     try:
         key = base64.urlsafe_b64decode(path.read_bytes().strip())
@@ -158,8 +157,9 @@ def read_key_file(home: Home, env: Mapping[str, str]) -> bytes:
 
 def passphrase_source(env: Mapping[str, str]) -> Path | str | None:
     """Where a passphrase would come from, in order of preference (files before env)."""
-    if env.get("SECRET_BROKER_PASSPHRASE_FILE"):
-        return Path(env["SECRET_BROKER_PASSPHRASE_FILE"])
+    named = secret_file_from(env, "SECRET_BROKER_PASSPHRASE_FILE")
+    if named is not None:
+        return named
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / "passphrase").exists():
         return Path(creds) / "passphrase"

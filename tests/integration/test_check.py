@@ -158,6 +158,7 @@ def test_weak_kdf_header_is_an_error_not_a_crash(home: Path) -> None:
     so the checks that need the store say why they were skipped)."""
     secret = home.parent / "passphrase"
     secret.write_text("a long passphrase\n")
+    secret.chmod(0o600)
     cli = Cli(home, base_env(home, SECRET_BROKER_PASSPHRASE_FILE=str(secret)))
     cli.ok("init", "--backend", "file-vault")
     cli.add("@a", CANARY)

@@ -77,7 +77,7 @@ def seal(key: bytes, *, seq: int, prev: str, ts: str, event: str, actor: str,
     record: dict[str, Any] = {"ts": ts, "seq": seq, "event": event, "actor": actor}
     record.update((k, v) for k, v in fields.items() if v is not None)
     record["prev"] = prev
-    body = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    body = json.dumps(record, separators=(",", ":")).encode()  # ASCII: safe to `tail`
     return body[:-1] + b',"mac":"' + _mac(key, body).encode() + b'"}'
 
 

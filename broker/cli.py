@@ -13,10 +13,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from broker.config import Home, load_config
 from broker.errors import BrokerError, UsageError
+from broker.text import printable
 
 EXIT_CODES = """\
 exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
@@ -36,7 +37,8 @@ def _print_json(doc: object) -> None:
 
 
 def _print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    cells = [list(header)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [list(header)] + [["-" if c is None else printable(str(c)) for c in row]
+                              for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -655,8 +657,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Printable:
+    """stdout or stderr, escaping every control character written: a message or table that
+    quotes a route, a ref or a file name cannot drive the terminal (erase or fake lines)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(printable(text, lines=True))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; map the error hierarchy to exit codes (the only place that does)."""
+    sys.stdout, sys.stderr = (cast(TextIO, _Printable(s)) for s in (sys.stdout, sys.stderr))
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

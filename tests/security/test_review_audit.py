@@ -4,12 +4,13 @@ control characters from requests, values quoted by config errors, cut-off audit 
 from __future__ import annotations
 
 import re
+import signal
 
 import structlog
 
 from broker import logs
 from broker.text import printable
-from tests.conftest import Cli, Daemon
+from tests.conftest import CANARY, Cli, Daemon, wait_for, write_grants
 from tests.security.conftest import exchange, request_bytes
 
 # Raw controls a terminal acts on: ESC, CR, BEL, CSI (C1), NEL, bidi overrides, separators.
@@ -67,3 +68,63 @@ def test_hostile_route_reaches_no_terminal(cli: Cli, daemon_factory: object) -> 
     assert _raw_controls(table) == [], table
     assert _raw_controls(cli.ok("audit", "--json")) == []
     assert _raw_controls(daemon.log()) == [], daemon.log()
+
+
+# --- config errors never quote a value ---------------------------------------------------
+
+_PASTED = CANARY.replace("-", "_")  # a key pasted where a ref belongs: a valid-looking word
+
+
+def _grants_with_canary() -> str:
+    """Every grants check that looks at a value, each failing on a pasted key."""
+    return (f'[[grants]]\nsecret_ref = "{CANARY} "\nconsumer = " {CANARY}"\n'
+            f'purposes = ["{CANARY} "]\ndelivery = ["{CANARY}"]\n'
+            f'allowed_hosts = ["https://{CANARY}", "{CANARY}/x", "*.{CANARY}", "{CANARY}:0",'
+            f' "[{CANARY}]", "{CANARY}é", "{CANARY} x", "1.2.{_PASTED}9", "a:{CANARY}:b"]\n'
+            f'ttl_secs = 0\n\n[[grants]]\nsecret_ref = "{CANARY}!"\nconsumer = "c"\n'
+            'purposes = ["p"]\ndelivery = ["env"]\nallowed_hosts = ["a.b"]\nttl_secs = 1\n')
+
+
+def test_grants_errors_name_line_and_key_not_value(cli: Cli) -> None:
+    """A key pasted into every grants field: `grants check` and `check` name the line and
+    key of each problem, and print the value nowhere."""
+    write_grants(cli.home, _grants_with_canary())
+    checked = cli("grants", "check")
+    assert checked.returncode == 1
+    for where in ("line 2", "key 'secret_ref'", "line 3", "key 'consumer'", "line 6",
+                  "key 'allowed_hosts'", "entry 9", "key 'ttl_secs'", "line 10"):
+        assert where in checked.stderr, (where, checked.stderr)
+    assert CANARY not in checked.stdout + checked.stderr
+    doctor = cli("check")
+    assert "grants" in doctor.stdout + doctor.stderr
+    assert CANARY not in doctor.stdout + doctor.stderr
+    assert _PASTED not in doctor.stdout + doctor.stderr
+
+
+def test_config_errors_name_key_not_value(cli: Cli) -> None:
+    """A key pasted as a header name or a route path in config.toml: the error names the
+    key, never the value."""
+    config = cli.home / "config.toml"
+    original = config.read_text()
+    for table in (f'auth = {{ header = "{CANARY}:", format = "{{key}}" }}',
+                  f'routes = [{{ method = "GET", path = "../{CANARY}", purpose = "p" }}]'):
+        config.write_text(f"{original}\n[providers.openai]\n{table}\n")
+        proc = cli("check")
+        assert "config.toml" in proc.stdout + proc.stderr
+        assert CANARY not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_daemon_reload_of_bad_grants_logs_no_value(cli: Cli, daemon_factory: object) -> None:
+    """A running daemon reloading grants with pasted keys: status, its log and audit.log
+    name the problems but hold none of the values."""
+    daemon: Daemon = daemon_factory()  # type: ignore[operator]
+    write_grants(cli.home, _grants_with_canary())
+    daemon.proc.send_signal(signal.SIGHUP)
+    status = wait_for(lambda: (s := cli.ok("status")) and "INVALID" in s and s,
+                      what="the daemon to report the grants invalid")
+    assert "line 2" in status and CANARY not in status
+    daemon.stop()
+    audit_text = (cli.home / "audit.log").read_text()
+    assert "grants.invalid" in audit_text and "line 2" in audit_text
+    for text in (audit_text, daemon.log()):
+        assert CANARY not in text and _PASTED not in text

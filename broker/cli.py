@@ -234,6 +234,8 @@ def _inject_target(args: argparse.Namespace) -> Callable[[bytes], None]:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.ref == "verify":
         return _audit_verify(args)
+    if args.reseal:
+        raise UsageError("--reseal goes with `audit verify`")
     events = _service(args).audit_events(ref=args.ref, event=args.event, since=args.since)
     if args.json:
         _print_json({"events": events})
@@ -246,7 +248,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    verdict = _service(args).verify_audit()
+    svc = _service(args)
+    verdict = svc.reseal_audit() if args.reseal else svc.verify_audit()
     if args.json:
         _print_json({"ok": verdict.ok, "checked": verdict.checked,
                      "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
@@ -561,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", help="30m, 12h, 7d or an RFC 3339 time")
     sp.add_argument("--event", help="event name, or a prefix ending in '.' (secret.)")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--reseal", action="store_true",
+                    help="with `verify`: trust the log as it is now and seal a new checkpoint "
+                         "at its end (after an upgrade, or once a reported cut is explained)")
 
     grants = sub.add_parser("grants", help="grants file tools").add_subparsers(
         dest="grants_command", required=True, metavar="SUBCOMMAND")

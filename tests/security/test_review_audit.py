@@ -3,12 +3,14 @@ control characters from requests, values quoted by config errors, cut-off audit 
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import sqlite3
 
 import structlog
 
-from broker import logs
+from broker import audit, logs
 from broker.text import printable
 from tests.conftest import CANARY, Cli, Daemon, wait_for, write_grants
 from tests.security.conftest import exchange, request_bytes
@@ -128,3 +130,91 @@ def test_daemon_reload_of_bad_grants_logs_no_value(cli: Cli, daemon_factory: obj
     assert "grants.invalid" in audit_text and "line 2" in audit_text
     for text in (audit_text, daemon.log()):
         assert CANARY not in text and _PASTED not in text
+
+
+# --- a cut-off audit log with its checkpoint edited or deleted -----------------------------
+
+
+def _cut(cli: Cli, lines: int) -> dict[str, object]:
+    """Cut the last lines off audit.log, as an attacker hiding what they did; the new last
+    line's record."""
+    log = cli.home / "audit.log"
+    kept = log.read_bytes().splitlines(keepends=True)[:-lines]
+    log.write_bytes(b"".join(kept))
+    return json.loads(kept[-1])
+
+
+def _sql(cli: Cli, statement: str, *args: object) -> None:
+    with sqlite3.connect(cli.home / "metadata.db") as db:
+        db.execute(statement, args)
+
+
+def _verify_fails(cli: Cli, why: str) -> None:
+    proc = cli("audit", "verify")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert why in proc.stderr, proc.stderr
+    doctor = cli("check")
+    assert doctor.returncode == 1 and "error: audit:" in doctor.stdout, doctor.stdout
+
+
+def _add_three(cli: Cli) -> None:
+    for n in range(3):
+        cli.add(f"key_{n}", CANARY)
+
+
+def test_cut_with_checkpoint_moved_to_new_end_is_caught(cli: Cli) -> None:
+    """Cut two lines and point metadata.db's checkpoint at the new last line by hand: the
+    seal no longer matches; later writes do not paper over it."""
+    _add_three(cli)
+    last = _cut(cli, 2)
+    _sql(cli, "UPDATE meta SET value = ? WHERE key = 'audit_seq'", str(last["seq"]))
+    _sql(cli, "UPDATE meta SET value = ? WHERE key = 'audit_mac'", last["mac"])
+    _verify_fails(cli, "was edited: lines may have been cut off the end")
+    cli.add("after", CANARY)
+    _verify_fails(cli, "was edited")
+
+
+def test_cut_with_checkpoint_deleted_is_caught(cli: Cli) -> None:
+    """Cut two lines and delete the checkpoint: a log without one is a failure, not
+    "nothing to compare", and later writes do not create a fresh one."""
+    _add_three(cli)
+    _cut(cli, 2)
+    _sql(cli, "DELETE FROM meta WHERE key LIKE 'audit_%'")
+    _verify_fails(cli, "holds no audit checkpoint")
+    cli.add("after", CANARY)
+    _verify_fails(cli, "holds no audit checkpoint")
+
+
+def test_unsealed_checkpoint_of_an_older_home_needs_reseal(cli: Cli) -> None:
+    """A checkpoint from before sealing (or with its seal deleted) fails verify with the fix;
+    `audit verify --reseal` seals the log's end, records that, and verify passes again."""
+    _add_three(cli)
+    _sql(cli, "DELETE FROM meta WHERE key = 'audit_seal'")
+    _verify_fails(cli, "is not sealed")
+    assert "audit verify --reseal" in cli("audit", "verify").stderr
+    cli.add("after", CANARY)  # the writer does not seal it on its own
+    _verify_fails(cli, "is not sealed")
+    assert "audit log OK: 5 events" in cli.ok("audit", "verify", "--reseal")
+    assert "audit log OK: 6 events" in cli.ok("audit", "verify")
+    assert "audit.resealed" in cli.ok("audit", "--event", "audit.")
+    cli.add("later", CANARY)
+    assert "audit log OK: 7 events" in cli.ok("audit", "verify")
+
+
+def test_reseal_refuses_an_edited_line(cli: Cli) -> None:
+    """--reseal trusts only a log whose every line holds: an edited line stays reported."""
+    _add_three(cli)
+    log = cli.home / "audit.log"
+    log.write_bytes(log.read_bytes().replace(b'"key_1"', b'"key_9"'))
+    proc = cli("audit", "verify", "--reseal")
+    assert proc.returncode == 1 and "line 3: MAC mismatch" in proc.stderr, proc.stderr
+
+
+def test_verify_needs_a_sealed_checkpoint_for_any_line() -> None:
+    """An empty log with no checkpoint is a new log; any line without one is not."""
+    key = b"k" * 32
+    line = audit.seal(key, seq=1, prev=audit.GENESIS, ts="t", event="e", actor="cli", fields={})
+    assert audit.verify([], key, None).ok
+    assert not audit.verify([line], key, None).ok
+    assert audit.verify([line], key, (1, line[-66:-2].decode(),
+                                      audit.seal_checkpoint(key, 1, line[-66:-2].decode()))).ok

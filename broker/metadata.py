@@ -168,7 +168,10 @@ class Metadata:
     def checkpoint(self) -> tuple[int, str, str | None] | None:
         """The newest audit (seq, mac) and its seal (None in a home from before sealing)."""
         seq, mac = self.get_meta("audit_seq"), self.get_meta("audit_mac")
-        return None if seq is None or mac is None else (int(seq), mac, self.get_meta("audit_seal"))
+        if seq is None or mac is None:
+            return None
+        # A hand-edited seq that is no number reads as 0, which its seal then fails.
+        return int(seq) if seq.isdigit() else 0, mac, self.get_meta("audit_seal")
 
     def replace_checkpoint(self, checkpoint: tuple[int, str, str] | None) -> None:
         """`audit verify --reseal`: trust the log as it is now (None: an empty log)."""

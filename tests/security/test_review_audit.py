@@ -174,6 +174,13 @@ def test_cut_with_checkpoint_moved_to_new_end_is_caught(cli: Cli) -> None:
     _verify_fails(cli, "was edited")
 
 
+def test_checkpoint_seq_that_is_no_number_is_reported_not_a_crash(cli: Cli) -> None:
+    """A checkpoint seq edited to text: verify reports the edit, and appends still work."""
+    _sql(cli, "UPDATE meta SET value = 'x' WHERE key = 'audit_seq'")
+    cli.add("after", CANARY)
+    _verify_fails(cli, "was edited")
+
+
 def test_cut_with_checkpoint_deleted_is_caught(cli: Cli) -> None:
     """Cut two lines and delete the checkpoint: a log without one is a failure, not
     "nothing to compare", and later writes do not create a fresh one."""

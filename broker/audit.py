@@ -6,7 +6,8 @@ writer that adds the file lock, the append and the fsync policy.
 A line is compact JSON: `ts, seq, event, actor, <fields>, prev, mac`, where `prev` is the
 SHA-256 of the previous line's bytes and `mac` an HMAC-SHA256 of the line without `mac`
 under a key kept in the secret store. The newest (seq, mac) is also checkpointed in
-metadata.db, so cutting lines off the end is caught.
+metadata.db, sealed under the same key, so cutting lines off the end is caught even when
+the checkpoint is edited or deleted with them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ FIELDS = (
 )
 MIN_FREE_BYTES = 64 * 1024  # room for a few hundred events; below it, refuse instead
 _MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
+_CHECKPOINT_DOMAIN = b"secret-broker audit checkpoint v1\n"
+# The newest (seq, mac) and its seal; the seal is None in a home from before sealing.
+Checkpoint = tuple[int, str, str | None]
+_RESEAL = "once the log is trusted, run `secret-broker audit verify --reseal`"
 
 
 def rfc3339(t: float | None = None) -> str:
@@ -68,6 +73,11 @@ def _mac(key: bytes, body: bytes) -> str:
     return hmac.digest(key, body, "sha256").hex()
 
 
+def seal_checkpoint(key: bytes, seq: int, mac: str) -> str:
+    """The checkpoint's own MAC, so metadata.db's (seq, mac) cannot be moved back by hand."""
+    return _mac(key, _CHECKPOINT_DOMAIN + f"{seq}\n{mac}".encode())
+
+
 def seal(key: bytes, *, seq: int, prev: str, ts: str, event: str, actor: str,
          fields: dict[str, Any]) -> bytes:
     """One sealed line (without its newline)."""
@@ -77,7 +87,7 @@ def seal(key: bytes, *, seq: int, prev: str, ts: str, event: str, actor: str,
     record: dict[str, Any] = {"ts": ts, "seq": seq, "event": event, "actor": actor}
     record.update((k, v) for k, v in fields.items() if v is not None)
     record["prev"] = prev
-    body = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    body = json.dumps(record, separators=(",", ":")).encode()  # ASCII: safe to `tail`
     return body[:-1] + b',"mac":"' + _mac(key, body).encode() + b'"}'
 
 
@@ -89,37 +99,77 @@ class Verdict:
     reason: str | None = None
 
 
-def verify(lines: Iterable[bytes], key: bytes, checkpoint: tuple[int, str] | None) -> Verdict:
-    """Check MACs, the chain, seq order and the checkpoint; name the first bad line."""
-    prev, seq, n = GENESIS, 0, 0
-    at_checkpoint: str | None = None
+def _line_problem(line: bytes, key: bytes, prev: str, seq: int) -> str | None:
+    """What is wrong with a line expected to be number `seq` after `prev`, if anything."""
+    m = _MAC_TAIL.search(line)
+    if m is None:
+        return "line is not a sealed audit record"
+    if not hmac.compare_digest(_mac(key, line[: m.start()] + b"}"), m.group(1).decode()):
+        return "MAC mismatch: the line was edited or re-sealed"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return "line is not valid JSON"
+    if record.get("prev") != prev:
+        return "chain broken: a line before it was removed, reordered or edited"
+    if record.get("seq") != seq:
+        return f"sequence jumps from {seq - 1} to {record.get('seq')}"
+    return None
+
+
+def _chain(lines: Iterable[bytes], key: bytes, at: int | None
+           ) -> tuple[Verdict | None, int, str | None, str | None]:
+    """Check MACs, the chain and seq order: the first failure (or None), the number of
+    lines, the MAC of line `at` and that of the last line."""
+    prev, n = GENESIS, 0
+    mac_at = mac = None
     for n, line in enumerate(lines, start=1):
-        m = _MAC_TAIL.search(line)
-        if m is None:
-            return Verdict(False, n - 1, n, "line is not a sealed audit record")
-        body = line[: m.start()] + b"}"
-        if not hmac.compare_digest(_mac(key, body), m.group(1).decode()):
-            return Verdict(False, n - 1, n, "MAC mismatch: the line was edited or re-sealed")
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return Verdict(False, n - 1, n, "line is not valid JSON")
-        if record.get("prev") != prev:
-            return Verdict(False, n - 1, n, "chain broken: a line before it was removed, "
-                                            "reordered or edited")
-        if record.get("seq") != seq + 1:
-            return Verdict(False, n - 1, n, f"sequence jumps from {seq} to {record.get('seq')}")
-        seq, prev = seq + 1, line_hash(line)
-        if checkpoint is not None and seq == checkpoint[0]:
-            at_checkpoint = m.group(1).decode()
-    if checkpoint is not None:
-        if checkpoint[0] > seq:
-            return Verdict(False, n, n + 1,
-                           f"log ends at seq {seq} but seq {checkpoint[0]} was recorded: "
-                           "lines were cut off the end")
-        if at_checkpoint != checkpoint[1]:
-            return Verdict(False, n, checkpoint[0], "line differs from the recorded checkpoint")
+        reason = _line_problem(line, key, prev, n)
+        if reason is not None:
+            return Verdict(False, n - 1, n, reason), n, None, None
+        prev, mac = line_hash(line), line[-66:-2].decode()
+        if n == at:
+            mac_at = mac
+    return None, n, mac_at, mac
+
+
+def verify(lines: Iterable[bytes], key: bytes, checkpoint: Checkpoint | None) -> Verdict:
+    """Check MACs, the chain, seq order and the sealed checkpoint; name the first bad line.
+    A non-empty log needs a checkpoint: deleting it must not hide a cut."""
+    failure, n, at_checkpoint, _ = _chain(lines, key, None if checkpoint is None
+                                          else checkpoint[0])
+    if failure is not None:
+        return failure
+    if checkpoint is None:
+        if n:
+            return Verdict(False, n, n + 1, "metadata.db holds no audit checkpoint: it was "
+                                            "deleted, and lines may have been cut off the "
+                                            f"end; {_RESEAL}")
+        return Verdict(True, 0)
+    seq, mac, sealed = checkpoint
+    if sealed is None:
+        return Verdict(False, n, n + 1, "the audit checkpoint in metadata.db is not sealed "
+                                        f"(written by an older version, or edited); {_RESEAL}")
+    if not hmac.compare_digest(sealed, seal_checkpoint(key, seq, mac)):
+        return Verdict(False, n, n + 1, "the audit checkpoint in metadata.db was edited: "
+                                        f"lines may have been cut off the end; {_RESEAL}")
+    if seq > n:
+        return Verdict(False, n, n + 1,
+                       f"log ends at seq {n} but seq {seq} was recorded: "
+                       "lines were cut off the end")
+    if at_checkpoint != mac:
+        return Verdict(False, n, seq, "line differs from the recorded checkpoint")
     return Verdict(True, n)
+
+
+def resealed(lines: Iterable[bytes], key: bytes
+             ) -> tuple[Verdict, tuple[int, str, str] | None]:
+    """The log's verdict leaving the checkpoint aside, and a sealed checkpoint at its end
+    (None for an empty log): to trust the log as it is now, once its lines all hold."""
+    failure, n, _, last = _chain(lines, key, None)
+    if failure is not None:
+        return failure, None
+    return Verdict(True, n), None if last is None else (n, last, seal_checkpoint(key, n, last))
 
 
 def parse_since(text: str) -> float:
@@ -218,11 +268,13 @@ class AuditLog:
     a full or read-only file system refuses the action instead of losing its record.
     """
 
-    def __init__(self, path: Path, key: bytes, checkpoint: Callable[[int, str], None],
+    def __init__(self, path: Path, key: bytes,
+                 checkpoint: Callable[[int, str, Callable[[int, str], str]], None],
                  fsync: str = "always") -> None:
         self._path = path
         self._key = key
-        self._checkpoint = checkpoint
+        self._checkpoint = checkpoint  # (seq, mac, sealer): metadata.advance_checkpoint
+        self._seal_checkpoint = functools.partial(seal_checkpoint, key)
         self._always = fsync == "always"
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -283,7 +335,7 @@ class AuditLog:
             self._prev = line_hash(line)
             mac = line[-66:-2].decode()
             if self._always:
-                self._checkpoint(self._seq, mac)
+                self._checkpoint(self._seq, mac, self._seal_checkpoint)
             else:
                 self._unsynced = (self._seq, mac)
         finally:
@@ -316,7 +368,7 @@ class AuditLog:
         if pending is None or fd is None:
             return
         os.fsync(fd)
-        self._checkpoint(*pending)
+        self._checkpoint(*pending, self._seal_checkpoint)
 
     def close(self) -> None:
         self.flush()

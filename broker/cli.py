@@ -13,10 +13,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from broker.config import Home, load_config, without_broker_vars
 from broker.errors import BrokerError, UsageError
+from broker.text import printable
 
 EXIT_CODES = """\
 exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
@@ -36,7 +37,8 @@ def _print_json(doc: object) -> None:
 
 
 def _print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    cells = [list(header)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [list(header)] + [["-" if c is None else printable(str(c)) for c in row]
+                              for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -232,6 +234,8 @@ def _inject_target(args: argparse.Namespace) -> Callable[[bytes], None]:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.ref == "verify":
         return _audit_verify(args)
+    if args.reseal:
+        raise UsageError("--reseal goes with `audit verify`")
     events = _service(args).audit_events(ref=args.ref, event=args.event, since=args.since)
     if args.json:
         _print_json({"events": events})
@@ -244,7 +248,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    verdict = _service(args).verify_audit()
+    svc = _service(args)
+    verdict = svc.reseal_audit() if args.reseal else svc.verify_audit()
     if args.json:
         _print_json({"ok": verdict.ok, "checked": verdict.checked,
                      "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
@@ -559,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", help="30m, 12h, 7d or an RFC 3339 time")
     sp.add_argument("--event", help="event name, or a prefix ending in '.' (secret.)")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--reseal", action="store_true",
+                    help="with `verify`: trust the log as it is now and seal a new checkpoint "
+                         "at its end (after an upgrade, or once a reported cut is explained)")
 
     grants = sub.add_parser("grants", help="grants file tools").add_subparsers(
         dest="grants_command", required=True, metavar="SUBCOMMAND")
@@ -655,8 +663,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Printable:
+    """stdout or stderr, escaping every control character written: a message or table that
+    quotes a route, a ref or a file name cannot drive the terminal (erase or fake lines)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(printable(text, lines=True))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; map the error hierarchy to exit codes (the only place that does)."""
+    sys.stdout, sys.stderr = (cast(TextIO, _Printable(s)) for s in (sys.stdout, sys.stderr))
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

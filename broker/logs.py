@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from broker.text import printable
+
 _REDACT = ("authorization", "token", "value", "body", "password", "passphrase", "key",
            "secret", "cookie")
 _ALLOWED = {"secret_ref", "token_id", "key_name", "lease_id"}
@@ -50,11 +52,21 @@ _STDLIB_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.i
                    "aiohttp.client", "asyncio")
 
 
+def _console_renderer() -> Any:
+    """structlog's console lines, with any control character left in them (the event text,
+    a traceback) escaped, so a logged request cannot drive the terminal it is shown on."""
+    render = structlog.dev.ConsoleRenderer(colors=False)
+
+    def rendered(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        return printable(str(render(logger, method, event)), lines=True)
+
+    return rendered
+
+
 def configure(fmt: str | None) -> None:
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
-                     else structlog.dev.ConsoleRenderer(colors=False))
+    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else _console_renderer()
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

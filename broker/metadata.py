@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -172,18 +174,43 @@ class Metadata:
     def delete_meta(self, key: str) -> None:
         self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
 
-    def advance_checkpoint(self, seq: int, mac: str) -> None:
-        """Record the newest audit (seq, mac), never moving backwards."""
+    def advance_checkpoint(self, seq: int, mac: str, seal: Callable[[int, str], str]) -> None:
+        """Record the newest audit (seq, mac) and its seal, never moving backwards. A missing
+        (past the first line), unsealed or wrongly sealed checkpoint is left as it is: it is
+        the evidence `audit verify` reports, and only `audit verify --reseal` replaces it."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            current = self.get_meta("audit_seq")
-            if current is None or int(current) < seq:
-                self.set_meta("audit_seq", str(seq))
-                self.set_meta("audit_mac", mac)
+            current = self.checkpoint()
+            if current is None:
+                intact = seq == 1
+            else:
+                sealed = current[2]
+                intact = sealed is not None and hmac.compare_digest(sealed, seal(*current[:2]))
+            if intact and (current is None or current[0] < seq):
+                self._set_checkpoint((seq, mac, seal(seq, mac)))
 
-    def checkpoint(self) -> tuple[int, str] | None:
+    def checkpoint(self) -> tuple[int, str, str | None] | None:
+        """The newest audit (seq, mac) and its seal (None in a home from before sealing)."""
         seq, mac = self.get_meta("audit_seq"), self.get_meta("audit_mac")
-        return None if seq is None or mac is None else (int(seq), mac)
+        if seq is None or mac is None:
+            return None
+        # A hand-edited seq that is no number reads as 0, which its seal then fails.
+        return int(seq) if seq.isdigit() else 0, mac, self.get_meta("audit_seal")
+
+    def replace_checkpoint(self, checkpoint: tuple[int, str, str] | None) -> None:
+        """`audit verify --reseal`: trust the log as it is now (None: an empty log)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if checkpoint is None:
+                self._db.execute("DELETE FROM meta WHERE key IN "
+                                 "('audit_seq', 'audit_mac', 'audit_seal')")
+            else:
+                self._set_checkpoint(checkpoint)
+
+    def _set_checkpoint(self, checkpoint: tuple[int, str, str]) -> None:
+        for name, value in zip(("audit_seq", "audit_mac", "audit_seal"), checkpoint,
+                               strict=True):
+            self.set_meta(name, str(value))
 
     def require_absent(self, ref: str) -> None:
         """Refuse `ref`, and a ref that differs from it only in case: a file vault on a

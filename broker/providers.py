@@ -141,7 +141,7 @@ class _Table:
 
     def header(self, key: str, value: Any) -> str:
         if not _HEADER_NAME.fullmatch(self.text(key, value)):
-            raise self.fail(key, f"{value!r} is not a valid header name")
+            raise self.fail(key, "is not a valid HTTP header name")
         return str(value)
 
     def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -168,7 +168,8 @@ class _Table:
         path = self.text(f"{key}.path", value["path"]).strip("/")
         if not all(s and _ROUTE_SEGMENT.fullmatch(s) and s not in (".", "..")
                    for s in path.split("/")):
-            raise self.fail(f"{key}.path", f"{value['path']!r} is not a plain relative path")
+            raise self.fail(f"{key}.path", "is not a plain relative path (segments of "
+                                           "A-Z a-z 0-9 . _ ~ : - and {name})")
         return Route(self.choice(f"{key}.method", value["method"], METHODS), path,
                      self.text(f"{key}.purpose", value["purpose"]),
                      self.string_table(f"{key}.query", value.get("query", {})),

@@ -511,6 +511,17 @@ class Service:
         return audit.verify(audit.read_lines(self.home.audit), self.derived_key("audit-log"),
                             self.metadata.checkpoint())
 
+    def reseal_audit(self) -> audit.Verdict:
+        """Trust the log as it is now: when every line's MAC and the chain hold, seal a new
+        checkpoint at its end and record that this was done (a deliberate owner's act)."""
+        check_private(self.home.audit)
+        verdict, checkpoint = audit.resealed(audit.read_lines(self.home.audit),
+                                             self.derived_key("audit-log"))
+        if verdict.ok:
+            self.metadata.replace_checkpoint(checkpoint)
+            self.record("audit.resealed", count=verdict.checked)
+        return verdict
+
     def usage(self, *, since: str | None = None, by: str | None = None,
               consumer: str | None = None) -> list[UsageRow]:
         """Usage rows since a day (or a duration ago), added up over the `by` dimensions."""

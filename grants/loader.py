@@ -55,7 +55,8 @@ _T = TypeVar("_T")
 
 
 class _Invalid(Exception):
-    """A value check failed; the message says what is wrong with the value."""
+    """A value check failed; the message says what is wrong with the value, never quoting
+    it: a key pasted into the wrong field must not reach the daemon log or the audit log."""
 
 
 def parse_grants(text: str, source: str = "secrets.grants.toml") -> tuple[Grant, ...]:
@@ -166,14 +167,14 @@ def _text(value: object) -> str:
     if not value:
         raise _Invalid("must not be empty")
     if value != value.strip():
-        raise _Invalid(f"{value!r} must not start or end with whitespace")
+        raise _Invalid("must not start or end with whitespace")
     return value
 
 
 def _secret_ref(value: object) -> str:
     ref = _text(value)
     if not _REF.fullmatch(ref):
-        raise _Invalid(f"{ref!r} is not a secret ref (1 to 128 of A-Z a-z 0-9 _ . -, '@' optional)")
+        raise _Invalid("is not a secret ref (1 to 128 of A-Z a-z 0-9 _ . -, '@' optional)")
     return ref.removeprefix("@")
 
 
@@ -181,54 +182,54 @@ def _ttl(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f"must be an integer number of seconds, not {_toml_type(value)}")
     if not 1 <= value <= MAX_TTL_SECS:
-        raise _Invalid(f"{value} is outside 1..{MAX_TTL_SECS}")
+        raise _Invalid(f"is outside 1..{MAX_TTL_SECS}")
     return value
 
 
 def _delivery(value: str) -> str:
     if value not in DELIVERIES:
         hint = _did_you_mean(value, DELIVERIES) or f" (expected {', '.join(sorted(DELIVERIES))})"
-        raise _Invalid(f"unknown delivery {value!r}{hint}")
+        raise _Invalid(f"unknown delivery{hint}")
     return value
 
 
 def _host(value: str) -> str:
     """A host name, IPv4 or [IPv6] literal, with an optional :port; lower-cased."""
     if not value.isascii():
-        raise _Invalid(f"{value!r} is not ASCII; write international names as xn-- punycode")
+        raise _Invalid("is not ASCII; write international names as xn-- punycode")
     host = value.lower()
     if any(c.isspace() for c in host):
-        raise _Invalid(f"{value!r} contains whitespace")
+        raise _Invalid("contains whitespace")
     if "://" in host:
-        raise _Invalid(f"{value!r} has a scheme; write only the host, e.g. 'api.openai.com'")
+        raise _Invalid("has a scheme; write only the host, e.g. 'api.openai.com'")
     if "/" in host:
-        raise _Invalid(f"{value!r} has a path; write only the host and optional :port")
+        raise _Invalid("has a path; write only the host and optional :port")
     if "*" in host:
-        raise _Invalid(f"{value!r} is a wildcard; list each host exactly")
+        raise _Invalid("is a wildcard; list each host exactly")
     if host.startswith("["):
         name, bracket, rest = host[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise _Invalid(f"{value!r} is not a host or host:port")
+            raise _Invalid("is not a host or host:port")
         port = rest[1:] if rest else None
         try:
             ipaddress.IPv6Address(name)
         except ValueError:
-            raise _Invalid(f"{value!r} is not a bracketed IPv6 address") from None
+            raise _Invalid("is not a bracketed IPv6 address") from None
     else:
         if host.count(":") > 1:
-            raise _Invalid(f"{value!r}: write an IPv6 address in brackets, e.g. '[::1]:8080'")
+            raise _Invalid("write an IPv6 address in brackets, e.g. '[::1]:8080'")
         name, colon, port_text = host.partition(":")
         port = port_text if colon else None
         labels = name.split(".")
         if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
-            raise _Invalid(f"{value!r} is not a host name or host:port")
+            raise _Invalid("is not a host name or host:port")
         if _DIGITS.fullmatch(labels[-1]):  # numeric names are IPv4 literals or nothing
             try:
                 ipaddress.IPv4Address(name)
             except ValueError:
-                raise _Invalid(f"{value!r} is not a valid IPv4 address") from None
+                raise _Invalid("is not a valid IPv4 address") from None
     if port is not None and not (_PORT.fullmatch(port) and int(port) <= 65535):
-        raise _Invalid(f"{value!r} has a bad port; use 1..65535")
+        raise _Invalid("has a bad port; use 1..65535")
     return host
 
 

@@ -205,10 +205,11 @@ def test_empty_or_padded_strings(key: str, value: str, expected: str) -> None:
 
 @pytest.mark.parametrize("ref", ["open ai", "a" * 129, "@@key", "key/../x", "clé"])
 def test_invalid_secret_ref(ref: str) -> None:
-    """A ref outside `@?[A-Za-z0-9_.-]{1,128}` is an error naming the ref."""
+    """A ref outside `@?[A-Za-z0-9_.-]{1,128}` is an error naming the line and key, not
+    the value (it may be a key pasted by mistake)."""
     problem = only_problem(with_value("secret_ref", f'"{ref}"'))
     assert (problem.line, problem.key) == (2, "secret_ref")
-    assert f"{ref!r} is not a secret ref" in problem.message
+    assert "is not a secret ref" in problem.message and ref not in str(problem)
 
 
 def test_longest_secret_ref_is_accepted() -> None:
@@ -221,7 +222,8 @@ def test_unknown_delivery_suggests_close_match() -> None:
     """An unknown delivery is an error with the nearest valid one suggested."""
     problem = only_problem(with_value("delivery", '["native", "http_header_injection"]'))
     assert (problem.line, problem.key) == (5, "delivery")
-    assert "entry 2: unknown delivery 'http_header_injection'" in problem.message
+    assert "entry 2: unknown delivery" in problem.message
+    assert "http_header_injection" not in problem.message
     assert "did you mean 'http_header_inject'?" in problem.message
 
 
@@ -230,7 +232,7 @@ def test_ttl_out_of_range(ttl: str) -> None:
     """A TTL outside 1..86400 is an error at the ttl_secs line."""
     problem = only_problem(with_value("ttl_secs", ttl))
     assert (problem.line, problem.key) == (7, "ttl_secs")
-    assert f"{int(ttl)} is outside 1..86400" in problem.message
+    assert problem.message == "is outside 1..86400"
 
 
 @pytest.mark.parametrize("ttl", [1, 86400])
@@ -271,7 +273,8 @@ def test_malformed_hosts(host: str, expected: str) -> None:
     """A host that is not a plain name or literal with an optional port is an error."""
     problem = only_problem(with_value("allowed_hosts", f'["api.openai.com", "{host}"]'))
     assert (problem.line, problem.key) == (6, "allowed_hosts")
-    assert f"entry 2: {host!r}" in problem.message and expected in problem.message
+    assert "entry 2: " in problem.message and expected in problem.message
+    assert repr(host) not in problem.message  # the value is never quoted
 
 
 @pytest.mark.parametrize(
@@ -311,7 +314,7 @@ def test_all_problems_are_reported_at_once() -> None:
         (14, 1, "delivery"),
     ]
     assert str(info.value).splitlines()[0] == "home/secrets.grants.toml: 4 problems:"
-    assert "  line 8, grant 0, key 'ttl_secs': 0 is outside 1..86400" in str(info.value)
+    assert "  line 8, grant 0, key 'ttl_secs': is outside 1..86400" in str(info.value)
 
 
 def test_comments_and_multiline_strings_do_not_confuse_line_numbers() -> None:

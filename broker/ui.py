@@ -78,9 +78,13 @@ def refusal(method: str, path: str, headers: MultiMapping[str],
     site = headers.getall("Sec-Fetch-Site", [])
     if site in ([], ["same-origin"]):
         return None
-    # Typed into the address bar or opened by `secret-broker ui`: only the page itself.
-    if (site == ["none"] and method == "GET" and not path.startswith(API)
-            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]):
+    # A top-level GET navigation of the page itself: typed into the address bar ("none"),
+    # or sent on by the file that `secret-broker ui` opens (a file: page is "cross-site").
+    # The page holds no data and signs in only with a code the owner minted; frames
+    # (Sec-Fetch-Dest iframe, and frame-ancestors) and the API stay refused.
+    if (method == "GET" and not path.startswith(API)
+            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]
+            and (site == ["none"] or headers.getall("Sec-Fetch-Dest", []) == ["document"])):
         return None
     return ("origin_not_allowed", "the dashboard answers only its own page (Sec-Fetch-Site)")
 

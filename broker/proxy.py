@@ -9,7 +9,6 @@ chunk as it arrives, undecoded; redirects are never followed while a key is atta
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from typing import Any
@@ -22,9 +21,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker import routes
-from broker.daemon import STATE, BrokerState, consumer_of
+from broker.daemon import STATE, BrokerState, consumer_of, read_body
 from broker.errors import (
-    BodyTooLarge,
     BrokerError,
     SecretNotFound,
     SecretUnavailable,
@@ -34,7 +32,15 @@ from broker.errors import (
 )
 from broker.providers import Provider
 from broker.store import parse_ref
-from broker.usage import Reservation, Usage, UsageTap, estimate_tokens, request_model, utc_day
+from broker.usage import (
+    Reservation,
+    Usage,
+    UsageTap,
+    estimate_tokens,
+    request_doc,
+    request_model,
+    utc_day,
+)
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.proxy")
@@ -117,13 +123,6 @@ def strip_key_param(query: str, withheld: tuple[str, ...] = ()) -> str:
     return "".join(out)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"the request body is larger than {limit} bytes "
-                           "([limits] max_body_bytes)")
-    return await request.read()  # client_max_size enforces the same limit on chunked bodies
-
-
 def _secret_ref(request: web.Request, state: BrokerState, provider: Provider) -> str:
     if len(request.headers.getall("X-Broker-Secret-Ref", [])) > 1:  # which one would win?
         raise UsageError("send X-Broker-Secret-Ref once")
@@ -144,7 +143,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     tap: UsageTap | None = None
     reservation: Reservation | None = None
     try:
-        body = await _read_body(request, state.config.max_body_bytes)
+        body = await read_body(request, state.config.max_body_bytes,
+                               "[limits] max_body_bytes in config.toml")
         doc = _json(request, body)
         ex["model"] = request_model(m.params, doc)
         ref = ex["secret_ref"] = _secret_ref(request, state, provider)
@@ -200,10 +200,7 @@ def _json(request: web.Request, body: bytes) -> Any:
     """The request's JSON body, for its model and token limits (None if it has none)."""
     if "json" not in request.headers.get("Content-Type", "") or not body:
         return None
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
+    return request_doc(body)
 
 
 def with_route_query(query: str, fixed: tuple[tuple[str, str], ...]) -> str:

@@ -36,6 +36,7 @@ API = "/ui/api/"
 SESSION = "/ui/api/session"
 CODE = "/v1/admin/ui/code"
 SESSION_PREFIX = "sbs_"
+LOGIN_LIMIT = 1024  # bytes of a login's body: `{"code": "…"}` needs under a hundred
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 ASSETS = {  # path under /ui/ -> (file in broker/ui/, content type)
     "": ("index.html", "text/html"),
@@ -197,7 +198,7 @@ async def mint_code(request: web.Request) -> web.Response:
 async def start_session(request: web.Request) -> web.Response:
     """The page trades its login code (once) for a session token."""
     state = request.app[daemon.STATE]
-    body = await daemon.json_body(request)
+    body = await daemon.json_body(request, LOGIN_LIMIT)
     code = body.get("code")
     if set(body) != {"code"} or not isinstance(code, str):
         raise UsageError('send {"code": "…"}, the code from `secret-broker ui`')

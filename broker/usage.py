@@ -20,6 +20,16 @@ from typing import Any
 
 TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
+# A request body up to this size is parsed for its model and token limit; a larger one only
+# has the ends scanned, where the SDKs put those keys: json.loads of tens of megabytes would
+# stall every other request on the event loop (and can take a gigabyte).
+PARSE_LIMIT = 1 << 20
+_SCAN_SPAN = 64 << 10  # bytes at each end of a large request body scanned for its keys
+_REQUEST_KEYS = ("model", "max_tokens", "max_completion_tokens", "max_output_tokens",
+                 "maxOutputTokens")
+_REQUEST_KEY = {name: re.compile(rb'"' + name.encode()
+                                 + rb'"\s*:\s*("(?:[^"\\]|\\.){0,200}"|\d{1,10})')
+                for name in _REQUEST_KEYS}
 DIMENSIONS = ("consumer", "provider", "model", "route", "day")
 _USAGE_TRIES = 8  # usage keys tried, from the end of a JSON body, before giving up
 # Where a JSON body keeps its usage object: Gemini's name, then everyone else's.
@@ -191,6 +201,29 @@ def request_model(params: dict[str, str], body: Any) -> str | None:
     if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
         model = body["model"]
     return model[:200] if model else None
+
+
+def request_doc(raw_body: bytes) -> Any:
+    """The JSON request body as far as usage needs it (None if it is not JSON): parsed
+    whole up to PARSE_LIMIT; past it, the first of each key found in the first or last
+    _SCAN_SPAN bytes, in a dict shaped like the body (a best effort, for budgets and labels)."""
+    if len(raw_body) <= PARSE_LIMIT:
+        try:
+            return json.loads(raw_body)
+        except (ValueError, RecursionError):
+            return None
+    ends = (raw_body[:_SCAN_SPAN], raw_body[-_SCAN_SPAN:])
+    found: dict[str, Any] = {}
+    for name, pattern in _REQUEST_KEY.items():
+        match = next((m for end in ends for m in pattern.finditer(end)), None)
+        if match is not None:
+            try:
+                found[name] = json.loads(match.group(1))
+            except ValueError:  # a string with a bad escape: unknown
+                continue
+    if "maxOutputTokens" in found:
+        found["generationConfig"] = {"maxOutputTokens": found.pop("maxOutputTokens")}
+    return found
 
 
 def estimate_tokens(raw_body: bytes, body: Any) -> int:

@@ -140,3 +140,108 @@ def test_ui_login_code_is_in_no_command_line_and_its_file_is_private(gw: Broker,
     assert (again.status, again.code) == (401, "unauthorized")
     printed = gw.cli.ok("ui", "--print").strip()  # by hand, the owner still gets the link
     assert printed.startswith(f"http://127.0.0.1:{gw.port}/ui/#code=")
+
+
+# --- 2. every route's body has a limit that fits it; large proxy bodies are never parsed whole ----
+
+
+def reply_to(port: int, head: bytes, body: bytes = b"") -> Reply:
+    """Send `head` (and `body`), read only until the first response is complete: a server
+    that answers before reading a body may still drain it before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(head)
+        # Refused before the body was all sent? The answer is there all the same.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(body)
+        received = b""
+        while True:
+            head_end = received.find(b"\r\n\r\n")
+            if head_end >= 0:
+                length = re.search(rb"(?i)content-length: *(\d+)", received[:head_end])
+                if length and len(received) >= head_end + 4 + int(length.group(1)):
+                    return parse(received)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return parse(received)
+            received += chunk
+
+
+def header(port: int, method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    return request_bytes(port, method, target, headers)[:-2]  # open for more headers
+
+
+def session_token(b: Broker) -> str:
+    code = b.daemon.client(unix=True).request("POST", "/v1/admin/ui/code")["code"]
+    return str(redeem(b, code).json()["token"])
+
+
+JSON_ROUTES = [("POST", "/ui/api/session", None), ("POST", "/v1/leases", "owner"),
+               ("POST", "/v1/explain", "owner"), ("POST", "/v1/mcp/tool-called", "owner"),
+               ("POST", "/v1/admin/secrets", "owner"), ("PUT", "/v1/admin/secrets/x", "owner"),
+               ("POST", "/v1/admin/tokens", "owner"), ("POST", "/ui/api/secrets", "session")]
+
+
+@pytest.mark.parametrize(("method", "path", "who"), JSON_ROUTES)
+def test_oversized_json_is_413_before_it_is_read(gw: Broker, method: str, path: str,
+                                                 who: str | None) -> None:
+    """A declared multi-MB body is refused before a byte of it is read; a chunked one as
+    soon as it passes the route's limit; a body just past the limit too."""
+    auth = {"owner": gw.token, "session": session_token(gw) if who == "session" else ""}
+    headers = [("Content-Type", "application/json")]
+    if who is not None:
+        headers.append(("Authorization", f"Bearer {auth[who]}"))
+    declared = reply_to(gw.port, header(gw.port, method, path, headers)
+                        + b"Content-Length: 30000000\r\n\r\n")  # and no body at all
+    assert (declared.status, declared.code) == (413, "body_too_large"), declared.body
+    chunk = b'{"code": "' + b"a" * 0x10000 + b'"}'
+    chunked = reply_to(gw.port, header(gw.port, method, path, headers)
+                       + b"Transfer-Encoding: chunked\r\n\r\n",
+                       b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(64)))
+    assert (chunked.status, chunked.code) == (413, "body_too_large"), chunked.body
+    limit = 1024 if path == "/ui/api/session" else 64 * 1024
+    just_over = json.dumps({"code": "a" * limit}).encode()
+    over = gw.http(method, path, body=just_over, headers=headers, token=None)
+    assert (over.status, over.code) == (413, "body_too_large"), over.body
+    assert gw.http("GET", "/v1/health").status == 200
+    assert_no_handler_crashed(gw)
+
+
+def test_a_small_login_and_json_still_work(gw: Broker) -> None:
+    """The limits leave room for what the routes really take: a login, a secret's value."""
+    assert session_token(gw).startswith("sbs_")
+    value = CANARY + "v" * 20_000  # a certificate chain's size
+    added = gw.http("POST", "/v1/admin/secrets", body=json.dumps(
+        {"ref": "cert_chain", "provider": "internal", "kind": "certificate", "value": value}
+    ).encode(), headers=[("Content-Type", "application/json")])
+    assert added.status == 201, added.body
+    assert CANARY not in gw.log()
+
+
+def test_large_proxy_bodies_are_scanned_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PARSE_LIMIT a request body is never json-parsed whole; its model and token
+    limit are still found where the SDKs put them (first or last keys)."""
+    parsed: list[int] = []
+    real_loads = json.loads
+
+    def loads(text: Any, **kw: Any) -> Any:
+        parsed.append(len(text))
+        return real_loads(text, **kw)
+
+    monkeypatch.setattr(usage.json, "loads", loads)
+    filler = "x" * (usage.PARSE_LIMIT + 10)
+    openai_like = json.dumps({"messages": [{"role": "user", "content": filler}],
+                              "model": "gpt-big", "max_tokens": 77}).encode()
+    anthropic_like = json.dumps({"max_tokens": 55, "messages": [{"content": filler}],
+                                 "model": "claude-big"}).encode()
+    gemini_like = json.dumps({"contents": [{"parts": [{"text": filler}]}],
+                              "generationConfig": {"maxOutputTokens": 33}}).encode()
+    deep = b"[" * (usage.PARSE_LIMIT + 10)
+    for body, model, limit in ((openai_like, "gpt-big", 77), (anthropic_like, "claude-big", 55),
+                               (gemini_like, None, 33), (deep, None, None)):
+        doc = usage.request_doc(body)
+        assert usage.request_model({}, doc) == model
+        expected = len(body) // 4 + (limit or usage.DEFAULT_OUTPUT_ESTIMATE)
+        assert usage.estimate_tokens(body, doc) == expected
+    assert all(size <= usage.PARSE_LIMIT for size in parsed)
+    small = json.dumps({"model": "m", "max_tokens": 9, "tools": [{"model": "nested"}]})
+    assert usage.request_model({}, usage.request_doc(small.encode())) == "m"  # parsed: exact

@@ -20,6 +20,7 @@ from typing import Any
 
 TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
+MAX_COUNT = 10**9  # a token count past this (or below 0) is a mistake or an attack: unknown
 # A request body up to this size is parsed for its model and token limit; a larger one only
 # has the ends scanned, where the SDKs put those keys: json.loads of tens of megabytes would
 # stall every other request on the event loop (and can take a gigabyte).
@@ -60,7 +61,10 @@ class Usage:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count: a whole number from 0 to MAX_COUNT; anything else is unknown (None)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
+        return value
+    return None
 
 
 def _dig(doc: Any, *path: str) -> Any:
@@ -315,6 +319,7 @@ class Budgets:
         self._reserved: dict[tuple[str, str], int] = {}
 
     def reserve(self, token_id: str, day: str, limit: int, estimate: int) -> Reservation | None:
+        estimate = max(0, estimate)  # a negative hold would free budget it never had
         key = (token_id, day)
         if self.used.get(key, 0) + self._reserved.get(key, 0) + estimate > limit:
             return None
@@ -322,6 +327,7 @@ class Budgets:
         return Reservation(token_id, day, estimate)
 
     def settle(self, reservation: Reservation, actual: int) -> None:
+        actual = max(0, actual)  # nothing a request did gives back what was spent
         key = (reservation.token_id, reservation.day)
         self._reserved[key] -= reservation.estimate
         self.used[key] = self.used.get(key, 0) + actual

@@ -245,3 +245,53 @@ def test_large_proxy_bodies_are_scanned_not_parsed(monkeypatch: pytest.MonkeyPat
     assert all(size <= usage.PARSE_LIMIT for size in parsed)
     small = json.dumps({"model": "m", "max_tokens": 9, "tools": [{"model": "nested"}]})
     assert usage.request_model({}, usage.request_doc(small.encode())) == "m"  # parsed: exact
+
+
+# --- 3. absurd max_tokens never lowers what a daily budget is charged ----------------------------
+
+ABSURD = [-10**12, -1, True, 1.5, "100", 10**12, None, [5]]
+
+
+def chat(max_tokens: Any) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                       "stream": True, "max_tokens": max_tokens}).encode()
+
+
+def test_absurd_max_tokens_are_charged_the_default_estimate(gw: Broker) -> None:
+    """Negative, huge, fractional, boolean or string max_tokens count as unknown: the
+    default is reserved and, with no usage in the answer, charged; never a negative."""
+    made = json.loads(gw.cli.ok("token", "create", "--consumer", "default", "--daily-tokens",
+                                "20000", "--json"))
+    token = made["token"]
+    expected = 0
+    for max_tokens in ABSURD:  # streamed without include_usage: the answer has no usage
+        reply = gw.post("openai", "v1/chat/completions", chat(max_tokens), token=token)
+        assert reply.status == 200, (max_tokens, reply.body)
+        expected += len(chat(max_tokens)) // 4 + usage.DEFAULT_OUTPUT_ESTIMATE
+    metadata = Metadata(gw.cli.home / "metadata.db")
+    try:
+        wait_for(lambda: metadata.token_spend(usage.utc_day()).get(
+            (made["id"], usage.utc_day())) == expected, what=f"a flushed spend of {expected}")
+    finally:
+        metadata.close()
+    over = gw.post("openai", "v1/chat/completions", chat(20000 - expected), token=token)
+    assert (over.status, over.code) == (429, "budget_exceeded")
+
+
+def test_budgets_never_settle_a_negative_amount() -> None:
+    """Whatever a caller passes, a reservation and a settlement are never below zero."""
+    budgets = usage.Budgets()
+    held = budgets.reserve("tok", "d", 100, -10**9)
+    assert held is not None and held.estimate == 0
+    budgets.settle(held, -10**9)
+    assert budgets.used[("tok", "d")] == 0 and budgets.drain() == {("tok", "d"): 0}
+    assert budgets.reserve("tok", "d", 100, 101) is None
+
+
+def test_a_negative_usage_from_upstream_is_unknown() -> None:
+    """An upstream's negative or absurd token counts are not counts."""
+    tap = usage.UsageTap("openai", "application/json", None)
+    tap.feed(json.dumps({"usage": {"prompt_tokens": -500, "completion_tokens": 10**12}}).encode())
+    found = tap.finish()
+    assert found.input_tokens is None and found.output_tokens in (None, 0)
+    assert found.total >= 0

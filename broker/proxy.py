@@ -56,6 +56,9 @@ CALLER_CREDENTIALS = frozenset({
     "openai-project", "cookie",
 })
 REQUEST_DROP = HOP_BY_HOP | CALLER_CREDENTIALS | {"host", "content-length", "origin", "referer"}
+# What no HTTP header value may hold (RFC 9110 5.5: controls other than tab); aiohttp
+# refuses to send it, so a stored value holding one is reported, never handed on.
+UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "server", "date", "alt-svc"}
 Exchange = dict[str, Any]  # what the audit records of one proxied request
 
@@ -157,9 +160,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
             version, provider=provider.name, route=m.route.path)
         request["lease_id"] = ex["lease_id"] = lease.lease_id
         key = state.value(ref, version)
-        if any(c in key for c in "\r\n\x00"):
-            raise SecretUnavailable(f"@{ref} holds a line break or NUL and cannot be sent in a "
-                                    "header")
+        if UNSENDABLE.search(key):
+            raise SecretUnavailable(f"the value of @{ref} holds a control character (a line "
+                                    "break, NUL, ...) and cannot be sent in a header; replace it "
+                                    f"with `secret-broker rotate @{ref}`")
         if provider.base_url is None:
             raise SecretUnavailable(f"provider {provider.name} has no base_url: set one in "
                                     f"config.toml [providers.{provider.name}]")

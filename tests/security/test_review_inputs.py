@@ -295,3 +295,49 @@ def test_a_negative_usage_from_upstream_is_unknown() -> None:
     found = tap.finish()
     assert found.input_tokens is None and found.output_tokens in (None, 0)
     assert found.total >= 0
+
+
+# --- 4. a stored value that no header can carry: 503 in the provider's shape ---------------------
+
+UNSENDABLE = {"ctl_soh": "\x01", "ctl_esc": "\x1b", "ctl_del": "\x7f", "ctl_bs": "\x08",
+              "line_feed": "\n", "nul": "\x00", "vertical_tab": "\x0b"}
+
+
+@pytest.fixture
+def planted(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
+    """A broker whose store holds values with control characters (as an older version, a
+    restored backup or another tool could have written), granted like any other."""
+    stands = start_standins(("openai", "google"))
+    monkeypatch.setattr(service, "_check_value", lambda value: None)
+    values = {f"{name}_{p}": (p, f"{CANARY}{char}tail") for name, char in UNSENDABLE.items()
+              for p in stands}
+    add_secrets(cli, values)
+    grants = provider_grants(stands) + "".join(
+        f'[[grants]]\nsecret_ref = "{ref}"\nconsumer = "default"\npurposes = [{PURPOSES}]\n'
+        f'delivery = ["http_header_inject"]\nallowed_hosts = ["{stands[p].host}"]\n'
+        "ttl_secs = 300\n\n" for ref, (p, _v) in values.items())
+    b = launch(cli, stands, grants=grants)
+    yield b
+    kill(b.daemon)
+    stop_standins(stands)
+
+
+def test_a_value_no_header_can_carry_is_503_secret_unavailable(planted: Broker) -> None:
+    """Each control character gives a JSON 503 secret_unavailable in the provider's shape,
+    naming the ref and the fix, never the value; nothing goes upstream."""
+    for name in UNSENDABLE:
+        for provider, path in (("openai", "v1/embeddings"),
+                               ("google", "v1beta/models/g:generateContent")):
+            ref = f"{name}_{provider}"
+            reply = planted.post(provider, path, headers=[("X-Broker-Secret-Ref", ref)])
+            assert (reply.status, reply.code) == (503, "secret_unavailable"), (ref, reply.raw)
+            message = reply.json()["error"]["message"]
+            assert f"@{ref}" in message and f"secret-broker rotate @{ref}" in message
+            assert CANARY not in reply.raw.decode("latin-1")
+            if provider == "google":
+                assert reply.json()["error"]["status"] == "UNAVAILABLE"
+    assert planted.upstream_count() == 0
+    assert CANARY not in planted.log()
+    assert_no_handler_crashed(planted)
+    assert planted.post("openai", "v1/embeddings",
+                        headers=[("X-Broker-Secret-Ref", "openai_api_key")]).status == 200

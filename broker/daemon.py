@@ -650,8 +650,11 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
     state.access.reload("startup")
     state.refresh()
     app = create_app(state)
+    # aiohttp's keep-alive timer runs from a connection's start (and from each response's
+    # end) until a request's headers are complete: it is the header-read timeout too.
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           access_log=None, shutdown_timeout=30.0)
+                           access_log=None, shutdown_timeout=30.0,
+                           keepalive_timeout=state.config.header_timeout_secs)
     await runner.setup()
     gc.freeze()  # start-up objects live forever: keep them out of every collection
     for sock in socks:

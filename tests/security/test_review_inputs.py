@@ -341,3 +341,58 @@ def test_a_value_no_header_can_carry_is_503_secret_unavailable(planted: Broker) 
     assert_no_handler_crashed(planted)
     assert planted.post("openai", "v1/embeddings",
                         headers=[("X-Broker-Secret-Ref", "openai_api_key")]).status == 200
+
+
+# --- 5. a request whose headers never end is closed -------------------------------------------
+
+PARTIAL = b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1"  # no final CRLFs, then nothing
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Wait (20 s at most) for the server to close; True if it did."""
+    sock.settimeout(20)
+    try:
+        return sock.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_request_whose_headers_never_end_is_closed(cli: Cli) -> None:
+    """On TCP and on the Unix socket, a connection that never finishes its headers, or
+    trickles them byte by byte, is closed after [limits] header_timeout_secs."""
+    stands: dict[str, StandIn] = start_standins(("openai",))
+    b = launch(cli, stands, extra="[limits]\nheader_timeout_secs = 1\n")
+    try:
+        tcp = socket.create_connection(("127.0.0.1", b.port))
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.connect(str(cli.home / "run" / "broker.sock"))
+        silent = socket.create_connection(("127.0.0.1", b.port))  # connects, sends nothing
+        for sock in (tcp, unix):
+            sock.sendall(PARTIAL)
+        trickle, closed = socket.create_connection(("127.0.0.1", b.port)), False
+        try:
+            for byte in PARTIAL:  # a byte at a time, each one well inside the timeout
+                trickle.sendall(bytes([byte]))
+                time.sleep(0.1)  # the attacker's pace, not a wait for the broker
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        assert closed or closed_by_server(trickle), "a trickled request was never closed"
+        for sock in (tcp, unix, silent):
+            assert closed_by_server(sock), "a half-sent request was never closed"
+            sock.close()
+        trickle.close()
+        assert b.http("GET", "/v1/health").status == 200  # complete requests still work
+        assert b.post("openai", "v1/embeddings").status == 200
+    finally:
+        kill(b.daemon)
+        stop_standins(stands)
+
+
+def test_header_timeout_is_validated() -> None:
+    """The setting is checked like every other limit."""
+    assert parse_config("[limits]\nheader_timeout_secs = 2.5\n").header_timeout_secs == 2.5
+    for bad in ("0", "-1", '"10"', "true"):
+        with pytest.raises(ConfigError, match="header_timeout_secs"):
+            parse_config(f"[limits]\nheader_timeout_secs = {bad}\n")

@@ -7,15 +7,19 @@ them, so `list` or `exec` start fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import html
 import json
 import os
+import secrets
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from broker.config import Home, load_config, without_broker_vars
+from broker.config import Home, load_config, open_private, private_dir, without_broker_vars
 from broker.errors import BrokerError, UsageError
 from broker.text import printable
 
@@ -364,14 +368,46 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from broker.client import BrokerClient
 
-    doc = BrokerClient(socket_path=Home.from_env().socket).request("POST", "/v1/admin/ui/code")
-    if not args.print and _open_browser(doc["url"]):
+    home = Home.from_env()
+    doc = BrokerClient(socket_path=home.socket).request("POST", "/v1/admin/ui/code")
+    if not args.print and _open_browser(_login_page(home, doc["url"], doc["expires_at"])):
         note = "opened the dashboard in your browser; its login link works once"
     else:
         print(doc["url"])
         note = "open this link in a browser on this machine; it works once"
     print(f"{note}, until {doc['expires_at']}", file=sys.stderr)
     return 0
+
+
+LOGIN_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<meta http-equiv="refresh" content="0;url={url}"><title>secret-broker</title></head>
+<body><p><a href="{url}">Open the secret-broker dashboard</a></p></body></html>
+"""
+
+
+def _login_page(home: Home, url: str, expires_at: str) -> str:
+    """A page of the owner's that sends the browser on to `url`, as a file: URI.
+
+    Every local user can read a browser's command line (/proc/PID/cmdline), so the login
+    link goes in a new 0600 file in the private run/ directory instead. Its mtime is set
+    to the code's expiry, and pages past it are deleted here, the next time.
+    """
+    from broker.audit import parse_rfc3339
+
+    private_dir(home.run)
+    now = time.time()
+    for old in home.run.glob("ui-*.html"):
+        with contextlib.suppress(FileNotFoundError):
+            if old.lstat().st_mtime < now:
+                old.unlink()
+    path = home.run / f"ui-{secrets.token_urlsafe(12)}.html"
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w", encoding="utf-8") as page:
+        page.write(LOGIN_PAGE.format(url=html.escape(url)))
+        expiry = parse_rfc3339(expires_at) or now
+        os.utime(page.fileno(), (expiry, expiry))
+    return path.as_uri()
 
 
 def _open_browser(url: str) -> bool:

@@ -222,6 +222,7 @@ class Config:
     max_body_bytes: int = 32 * 1024 * 1024
     connect_timeout_secs: float = 10
     read_timeout_secs: float = 300
+    header_timeout_secs: float = 30  # for a request's headers, and for idling between requests
     audit_fsync: str = "batch"
     rotate_after_days: int = 90  # `check` warns about secrets older than this
     providers: dict[str, Any] = field(default_factory=dict)  # raw tables; see providers.py
@@ -238,6 +239,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "max_body_bytes": ((int,), "max_body_bytes"),
         "connect_timeout_secs": ((int, float), "connect_timeout_secs"),
         "read_timeout_secs": ((int, float), "read_timeout_secs"),
+        "header_timeout_secs": ((int, float), "header_timeout_secs"),
     },
     "audit": {"fsync": ((str,), "audit_fsync")},
     "check": {"rotate_after_days": ((int,), "rotate_after_days")},
@@ -314,6 +316,8 @@ default_consumer = "default"     # consumer used when a request names none
 max_body_bytes = 33554432
 connect_timeout_secs = 10
 read_timeout_secs = 300          # idle read timeout on upstream streams
+header_timeout_secs = 30         # a client's time to send a request's headers (and to idle
+                                 # between requests) before its connection is closed
 
 [audit]
 fsync = "batch"                  # "always": fsync every event; "batch": at most 100 ms late

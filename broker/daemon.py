@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import gc
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -38,6 +39,7 @@ from broker.auth import (
 from broker.config import Config, Home, check_private, load_config, open_private, private_dir
 from broker.errors import (
     AuditUnavailable,
+    BodyTooLarge,
     BrokerError,
     BudgetExceeded,
     Forbidden,
@@ -422,9 +424,27 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
+JSON_LIMIT = 64 << 10  # a JSON route's body: a secret's value and its metadata fit easily
+
+
+async def read_body(request: web.Request, limit: int, setting: str) -> bytes:
+    """The body, or 413 past `limit` bytes: at once when Content-Length says so, else as
+    soon as a chunked body passes it (what comes after is never kept)."""
+    too_large = BodyTooLarge(f"the request body is larger than {limit} bytes ({setting})")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def json_body(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    raw = await read_body(request, limit, "the most this route accepts")
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: 400, not a 500
         raise UsageError("the request body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -698,8 +718,11 @@ async def _main(state: BrokerState, socks: list[socket.socket]) -> int:
     state.access.reload("startup")
     state.refresh()
     app = create_app(state)
+    # aiohttp's keep-alive timer runs from a connection's start (and from each response's
+    # end) until a request's headers are complete: it is the header-read timeout too.
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           access_log=None, shutdown_timeout=30.0)
+                           access_log=None, shutdown_timeout=30.0,
+                           keepalive_timeout=state.config.header_timeout_secs)
     await runner.setup()
     gc.freeze()  # start-up objects live forever: keep them out of every collection
     for sock in socks:

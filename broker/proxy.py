@@ -9,7 +9,6 @@ chunk as it arrives, undecoded; redirects are never followed while a key is atta
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from typing import Any
@@ -22,9 +21,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker import routes
-from broker.daemon import STATE, BrokerState, consumer_of
+from broker.daemon import STATE, BrokerState, consumer_of, read_body
 from broker.errors import (
-    BodyTooLarge,
     BrokerError,
     SecretNotFound,
     SecretUnavailable,
@@ -34,7 +32,15 @@ from broker.errors import (
 )
 from broker.providers import Provider
 from broker.store import parse_ref
-from broker.usage import Reservation, Usage, UsageTap, estimate_tokens, request_model, utc_day
+from broker.usage import (
+    Reservation,
+    Usage,
+    UsageTap,
+    estimate_tokens,
+    request_doc,
+    request_model,
+    utc_day,
+)
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.proxy")
@@ -50,6 +56,9 @@ CALLER_CREDENTIALS = frozenset({
     "openai-project", "cookie",
 })
 REQUEST_DROP = HOP_BY_HOP | CALLER_CREDENTIALS | {"host", "content-length", "origin", "referer"}
+# What no HTTP header value may hold (RFC 9110 5.5: controls other than tab); aiohttp
+# refuses to send it, so a stored value holding one is reported, never handed on.
+UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "server", "date", "alt-svc"}
 Exchange = dict[str, Any]  # what the audit records of one proxied request
 
@@ -117,13 +126,6 @@ def strip_key_param(query: str, withheld: tuple[str, ...] = ()) -> str:
     return "".join(out)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"the request body is larger than {limit} bytes "
-                           "([limits] max_body_bytes)")
-    return await request.read()  # client_max_size enforces the same limit on chunked bodies
-
-
 def _secret_ref(request: web.Request, state: BrokerState, provider: Provider) -> str:
     if len(request.headers.getall("X-Broker-Secret-Ref", [])) > 1:  # which one would win?
         raise UsageError("send X-Broker-Secret-Ref once")
@@ -144,7 +146,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     tap: UsageTap | None = None
     reservation: Reservation | None = None
     try:
-        body = await _read_body(request, state.config.max_body_bytes)
+        body = await read_body(request, state.config.max_body_bytes,
+                               "[limits] max_body_bytes in config.toml")
         doc = _json(request, body)
         ex["model"] = request_model(m.params, doc)
         ref = ex["secret_ref"] = _secret_ref(request, state, provider)
@@ -157,9 +160,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
             version, provider=provider.name, route=m.route.path)
         request["lease_id"] = ex["lease_id"] = lease.lease_id
         key = state.value(ref, version)
-        if any(c in key for c in "\r\n\x00"):
-            raise SecretUnavailable(f"@{ref} holds a line break or NUL and cannot be sent in a "
-                                    "header")
+        if UNSENDABLE.search(key):
+            raise SecretUnavailable(f"the value of @{ref} holds a control character (a line "
+                                    "break, NUL, ...) and cannot be sent in a header; replace it "
+                                    f"with `secret-broker rotate @{ref}`")
         if provider.base_url is None:
             raise SecretUnavailable(f"provider {provider.name} has no base_url: set one in "
                                     f"config.toml [providers.{provider.name}]")
@@ -200,10 +204,7 @@ def _json(request: web.Request, body: bytes) -> Any:
     """The request's JSON body, for its model and token limits (None if it has none)."""
     if "json" not in request.headers.get("Content-Type", "") or not body:
         return None
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
+    return request_doc(body)
 
 
 def with_route_query(query: str, fixed: tuple[tuple[str, str], ...]) -> str:

@@ -36,6 +36,7 @@ API = "/ui/api/"
 SESSION = "/ui/api/session"
 CODE = "/v1/admin/ui/code"
 SESSION_PREFIX = "sbs_"
+LOGIN_LIMIT = 1024  # bytes of a login's body: `{"code": "…"}` needs under a hundred
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 ASSETS = {  # path under /ui/ -> (file in broker/ui/, content type)
     "": ("index.html", "text/html"),
@@ -78,9 +79,13 @@ def refusal(method: str, path: str, headers: MultiMapping[str],
     site = headers.getall("Sec-Fetch-Site", [])
     if site in ([], ["same-origin"]):
         return None
-    # Typed into the address bar or opened by `secret-broker ui`: only the page itself.
-    if (site == ["none"] and method == "GET" and not path.startswith(API)
-            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]):
+    # A top-level GET navigation of the page itself: typed into the address bar ("none"),
+    # or sent on by the file that `secret-broker ui` opens (a file: page is "cross-site").
+    # The page holds no data and signs in only with a code the owner minted; frames
+    # (Sec-Fetch-Dest iframe, and frame-ancestors) and the API stay refused.
+    if (method == "GET" and not path.startswith(API)
+            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]
+            and (site == ["none"] or headers.getall("Sec-Fetch-Dest", []) == ["document"])):
         return None
     return ("origin_not_allowed", "the dashboard answers only its own page (Sec-Fetch-Site)")
 
@@ -193,7 +198,7 @@ async def mint_code(request: web.Request) -> web.Response:
 async def start_session(request: web.Request) -> web.Response:
     """The page trades its login code (once) for a session token."""
     state = request.app[daemon.STATE]
-    body = await daemon.json_body(request)
+    body = await daemon.json_body(request, LOGIN_LIMIT)
     code = body.get("code")
     if set(body) != {"code"} or not isinstance(code, str):
         raise UsageError('send {"code": "…"}, the code from `secret-broker ui`')

@@ -20,6 +20,17 @@ from typing import Any
 
 TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
+MAX_COUNT = 10**9  # a token count past this (or below 0) is a mistake or an attack: unknown
+# A request body up to this size is parsed for its model and token limit; a larger one only
+# has the ends scanned, where the SDKs put those keys: json.loads of tens of megabytes would
+# stall every other request on the event loop (and can take a gigabyte).
+PARSE_LIMIT = 1 << 20
+_SCAN_SPAN = 64 << 10  # bytes at each end of a large request body scanned for its keys
+_REQUEST_KEYS = ("model", "max_tokens", "max_completion_tokens", "max_output_tokens",
+                 "maxOutputTokens")
+_REQUEST_KEY = {name: re.compile(rb'"' + name.encode()
+                                 + rb'"\s*:\s*("(?:[^"\\]|\\.){0,200}"|\d{1,10})')
+                for name in _REQUEST_KEYS}
 DIMENSIONS = ("consumer", "provider", "model", "route", "day")
 _USAGE_TRIES = 8  # usage keys tried, from the end of a JSON body, before giving up
 # Where a JSON body keeps its usage object: Gemini's name, then everyone else's.
@@ -50,7 +61,10 @@ class Usage:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count: a whole number from 0 to MAX_COUNT; anything else is unknown (None)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
+        return value
+    return None
 
 
 def _dig(doc: Any, *path: str) -> Any:
@@ -193,6 +207,29 @@ def request_model(params: dict[str, str], body: Any) -> str | None:
     return model[:200] if model else None
 
 
+def request_doc(raw_body: bytes) -> Any:
+    """The JSON request body as far as usage needs it (None if it is not JSON): parsed
+    whole up to PARSE_LIMIT; past it, the first of each key found in the first or last
+    _SCAN_SPAN bytes, in a dict shaped like the body (a best effort, for budgets and labels)."""
+    if len(raw_body) <= PARSE_LIMIT:
+        try:
+            return json.loads(raw_body)
+        except (ValueError, RecursionError):
+            return None
+    ends = (raw_body[:_SCAN_SPAN], raw_body[-_SCAN_SPAN:])
+    found: dict[str, Any] = {}
+    for name, pattern in _REQUEST_KEY.items():
+        match = next((m for end in ends for m in pattern.finditer(end)), None)
+        if match is not None:
+            try:
+                found[name] = json.loads(match.group(1))
+            except ValueError:  # a string with a bad escape: unknown
+                continue
+    if "maxOutputTokens" in found:
+        found["generationConfig"] = {"maxOutputTokens": found.pop("maxOutputTokens")}
+    return found
+
+
 def estimate_tokens(raw_body: bytes, body: Any) -> int:
     """Input (about 4 bytes a token) plus the output the request allows itself."""
     limit = None
@@ -282,6 +319,7 @@ class Budgets:
         self._reserved: dict[tuple[str, str], int] = {}
 
     def reserve(self, token_id: str, day: str, limit: int, estimate: int) -> Reservation | None:
+        estimate = max(0, estimate)  # a negative hold would free budget it never had
         key = (token_id, day)
         if self.used.get(key, 0) + self._reserved.get(key, 0) + estimate > limit:
             return None
@@ -289,6 +327,7 @@ class Budgets:
         return Reservation(token_id, day, estimate)
 
     def settle(self, reservation: Reservation, actual: int) -> None:
+        actual = max(0, actual)  # nothing a request did gives back what was spent
         key = (reservation.token_id, reservation.day)
         self._reserved[key] -= reservation.estimate
         self.used[key] = self.used.get(key, 0) + actual

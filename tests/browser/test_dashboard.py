@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,6 +82,23 @@ def test_login_link_works_once(site: Site, watched: Watched) -> None:
     assert watched.context.cookies() == []
     assert watched.errors == []
     assert watched.leaks(CANARY, url.split("#code=")[1]) == []
+
+
+def test_ui_opens_a_private_page_that_signs_in(site: Site, watched: Watched,
+                                               tmp_path: Path) -> None:
+    """`ui` hands the browser a file: page, not the link; Chromium follows it (a
+    cross-site navigation) to the dashboard, which lets it in and signs in with the code."""
+    browser = tmp_path / "browser"
+    browser.write_text('#!/bin/sh\nprintf %s "$1" > "$0.opened"\n')
+    browser.chmod(0o700)
+    site.cli.ok("ui", env={"BROWSER": str(browser), "DISPLAY": ":99"})
+    target = (tmp_path / "browser.opened").read_text()
+    assert target.startswith("file://") and "code" not in target
+    page = watched.page()
+    page.goto(target)
+    expect(page.locator("#secrets-table")).to_contain_text("@openai_api_key")
+    assert page.url == f"http://127.0.0.1:{site.daemon.port}/ui/"
+    assert watched.errors == []
 
 
 def test_ui_needs_the_running_broker(cli: Cli) -> None:

@@ -29,7 +29,9 @@ def guard(method: str, path: str, *pairs: tuple[str, str], host: str | None = OW
 
 @pytest.mark.parametrize(("method", "path", "headers"), [
     ("GET", "/ui/", {}),  # curl, or a browser too old to say where it comes from
-    ("GET", "/ui/", TYPED),  # typed into the address bar, or opened by `secret-broker ui`
+    ("GET", "/ui/", TYPED),  # typed into the address bar
+    ("GET", "/ui/", {**TYPED, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "document"}),
+    # ^ sent on by the file: page that `secret-broker ui` opens
     ("GET", "/ui/app.js", {**PAGE, "Sec-Fetch-Mode": "no-cors"}),
     ("POST", "/ui/api/session", {**PAGE, "Origin": f"http://{OWN}"}),
     ("GET", "/ui/api/secrets", PAGE),
@@ -51,7 +53,11 @@ def test_own_page_passes(method: str, path: str, headers: dict[str, str]) -> Non
     ("GET", "/ui/api/secrets", TYPED),  # `none` opens a page, never the API
     ("POST", "/ui/", TYPED),  # `none` is a GET navigation only
     ("GET", "/ui/", {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "no-cors"}),
-    ("GET", "/ui/", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}),  # a link
+    ("GET", "/ui/", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}),  # no Dest
+    ("GET", "/ui/api/secrets", {**TYPED, "Sec-Fetch-Site": "cross-site",
+                                "Sec-Fetch-Dest": "document"}),  # a link to the API
+    ("POST", "/ui/", {**TYPED, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "document"}),
+    ("GET", "/ui/", {**TYPED, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "iframe"}),
     ("GET", "/ui/", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "iframe"}),
     ("GET", "/ui/", {"Sec-Fetch-Site": "Same-Origin"}),  # browsers send lower case only
 ])

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker import __version__, hardening, logs, routes, ui
+from broker import __version__, hardening, logs, netowner, routes, ui
 from broker.audit import parse_rfc3339, rfc3339
 from broker.auth import (
     Authenticator,
@@ -565,9 +565,17 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}; is another broker "
-                          "running? (secret-broker status) or pick --listen HOST:PORT") from None
+        raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}{_held_by(port)}; is "
+                          "another broker running? (secret-broker status) or pick --listen "
+                          "HOST:PORT") from None
     return sock
+
+
+def _held_by(port: int) -> str:
+    """Who listens on a busy port, where the kernel shows it: another user may have taken
+    it to collect the tokens that clients send there."""
+    found = netowner.listener(netowner.read() or [], port)
+    return "" if found is None else f" (held by {netowner.holder(found)})"
 
 
 def _take_pid_lock(home: Home) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -183,13 +184,10 @@ class Tools:
                     "(or SECRET_BROKER_TOKEN_FILE) in this MCP server's environment to a "
                     "consumer token made with `secret-broker token create --consumer NAME`; "
                     "the owner's bootstrap token is never used here."))
-            url = environ.get("SECRET_BROKER_URL") or (
-                "http://" + load_config(Home.from_env(dict(environ))).listen)
+            client = _client(environ, token)
         except BrokerError as exc:
             return cls(None, None, "every tool is refused until the owner fixes this MCP "
                                    f"server's environment: {exc.message}")
-        client = BrokerClient.from_env(
-            {"SECRET_BROKER_URL": url, "SECRET_BROKER_TOKEN": token}, timeout=CALL_TIMEOUT_SECS)
         return cls(client, token)
 
     async def list_secrets(self) -> dict[str, Any]:
@@ -263,7 +261,7 @@ class Tools:
             limit=MAX_ANSWER_BYTES + 1)
         cut = len(raw) > MAX_ANSWER_BYTES
         streamed, answer = read_answer(headers.get("content-type", ""), raw[:MAX_ANSWER_BYTES])
-        if status >= 400:
+        if not 200 <= status < 300:
             code, message = error_parts(answer)
             raise BrokerError(f"{provider} answered HTTP {status}"
                               + (f" ({code})" if code else "") + f": {message}",
@@ -273,6 +271,19 @@ class Tools:
             doc["note"] = (f"the answer was longer than {MAX_ANSWER_BYTES} bytes and was cut "
                            "there; ask for less (e.g. max_tokens, fewer inputs)")
         return doc
+
+
+def _client(environ: Mapping[str, str], token: str) -> BrokerClient:
+    """SECRET_BROKER_URL; else the home's Unix socket where this user may enter the home (no
+    other user can listen there); else the home's `listen`, which the client checks."""
+    url = environ.get("SECRET_BROKER_URL")
+    if url:
+        return BrokerClient(url=url, token=token, timeout=CALL_TIMEOUT_SECS)
+    home = Home.from_env(dict(environ))
+    if os.access(home.root, os.R_OK | os.X_OK):
+        return BrokerClient(socket_path=home.socket, token=token, timeout=CALL_TIMEOUT_SECS)
+    return BrokerClient(url="http://" + load_config(home).listen, token=token,
+                        timeout=CALL_TIMEOUT_SECS)
 
 
 def _token_from(environ: Mapping[str, str]) -> str | None:

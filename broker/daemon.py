@@ -161,6 +161,17 @@ class BrokerState:
 
     def value(self, ref: str, version: int) -> str:
         self._used.add(ref)  # last-used times are written in the background, once a second
+        return self._value(ref, version)
+
+    def stored_values(self) -> list[str]:
+        """Every stored value that can be read, to scrub an answer with (not a use)."""
+        values = []
+        for ref, (version, _provider) in list(self._secrets.items()):
+            with contextlib.suppress(SecretUnavailable):  # unread, so never sent anywhere
+                values.append(self._value(ref, version))
+        return values
+
+    def _value(self, ref: str, version: int) -> str:
         cached = self._values.get(ref)
         if cached is not None and cached[0] == version:
             return cached[1]

@@ -7,7 +7,9 @@ owner's `broker.token` is never a fallback). Each tool is one call to the daemon
 routes (`/v1/grants`, `/v1/explain`, `/v1/usage`) or its gateway (`/proxy/…`), so grants,
 leases, usage and audit apply exactly as for an SDK. Each call is recorded by the daemon
 (`mcp.tool_called`) before it is made: no audit, no action. Every answer, and every error,
-is scrubbed on its way to the model.
+is scrubbed on its way to the model: the daemon, which holds the values, replaces each
+stored value in a provider's answer (SCRUB_HEADER), and this server removes key shapes and
+its own token.
 
 The `mcp` SDK (the extra `secret-broker[mcp]`) is imported only where the server runs.
 """
@@ -32,6 +34,9 @@ TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
 MAX_ANSWER_BYTES = 256 * 1024  # what a model's context can take; the rest is cut with a note
 CALL_TIMEOUT_SECS = 330.0  # longer than the daemon's own idle read timeout (300 s)
 REDACTED = "[redacted]"
+# Asks the daemon, which holds the values, to return a /proxy answer whole with every stored
+# value (exact and base64) replaced by REDACTED, whatever the values look like.
+SCRUB_HEADER = "X-Broker-Scrub"
 # What provider keys look like (OpenAI and Anthropic `sk-…`, Google `AIza…`, Voyage `pa-…`,
 # Jina `jina_…`), where no letter or digit runs into them. The server cannot know the stored
 # values, so it removes anything shaped like one: defence in depth behind the gateway.
@@ -105,6 +110,19 @@ def scrub(doc: Any, secrets: Iterable[str]) -> Any:
         return node
 
     return walk(doc)
+
+
+def scrub_bytes(raw: bytes, secrets: Iterable[str], cut: bool = False) -> bytes:
+    """`raw` with each secret (exact and base64) replaced by [redacted]; for an answer `cut`
+    short, also a trailing start of one, which the rest would have completed."""
+    forms = [form.encode() for secret in secrets if secret for form in secret_forms(secret)]
+    for form in forms:
+        raw = raw.replace(form, REDACTED.encode())
+    if cut:
+        for form in forms:
+            raw = next((raw[:-k] for k in range(len(form) - 1, 0, -1)
+                        if raw.endswith(form[:k])), raw)
+    return raw
 
 
 # --- provider answers (pure) -----------------------------------------------------------------
@@ -257,7 +275,8 @@ class Tools:
                               "(URL characters only, no spaces)", code="invalid_request")
         status, headers, raw = client.exchange(
             "POST", f"/proxy/{provider}/{path}", json.dumps(body).encode(),
-            {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+            {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+             SCRUB_HEADER: "values"},
             limit=MAX_ANSWER_BYTES + 1)
         cut = len(raw) > MAX_ANSWER_BYTES
         streamed, answer = read_answer(headers.get("content-type", ""), raw[:MAX_ANSWER_BYTES])

@@ -6,6 +6,7 @@ so a forked child drops to that uid and listens, or connects, as that user would
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -23,8 +24,10 @@ import pytest
 from broker.client import BrokerClient
 from broker.errors import BrokerError, BrokerNotRunning, ConfigError
 from tests.conftest import Cli, scan
-from tests.integration.test_mcp import agent, create_token
+from tests.integration.test_mcp import agent, create_token, grant_openai_to
 from tests.security.conftest import exchange
+from tests.support.gateway import Gateway
+from tests.support.standins import StandIn
 
 NOBODY = 65534
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n' \
@@ -219,3 +222,45 @@ def test_a_redirect_is_an_error() -> None:
     with listener(uid=os.getuid(), reply=REDIRECT) as local, \
             pytest.raises(BrokerError, match="HTTP 302"):
         BrokerClient(url=f"http://127.0.0.1:{local.port}", timeout=10).health()
+
+
+# --- finding 3: MCP answers scrubbed of every stored value ------------------------------------
+
+
+async def test_mcp_answers_hold_no_stored_value_of_any_shape(
+        gateway: Gateway, standins: dict[str, StandIn]) -> None:
+    """A value shaped like no provider key, echoed plain and in base64, never reaches the
+    model; the rest of the answer does."""
+    plain = "hunter2-plain~~~looking-value"  # its base64 differs from its base64url
+    gateway.cli.add("@plain_value", plain, provider="voyage")
+    grant_openai_to(gateway, "agent-a")
+    token = create_token(gateway.cli, "agent-a")
+    url_safe = base64.urlsafe_b64encode(plain.encode()).decode()
+    forms = [plain, base64.b64encode(plain.encode()).decode(), url_safe, url_safe.rstrip("=")]
+    echo = {"echo": forms, "text": f"it is {plain}.", "ok": "kept"}
+    env = {**gateway.cli.env, "SECRET_BROKER_TOKEN": token,
+           "SECRET_BROKER_URL": gateway.daemon.url}
+    async with agent(env, gateway.cli.home) as a:
+        standins["openai"].force = (200, json.dumps(echo).encode(),
+                                    {"Content-Type": "application/json"})
+        answer = (await a.ok("call_provider", provider="openai", path="v1/embeddings",
+                             body={"input": "x"}))["answer"]
+        assert answer["ok"] == "kept" and answer["text"] == "it is [redacted]."
+        stream = "".join(f"data: {json.dumps({'v': f})}\n\n" for f in forms).encode()
+        standins["openai"].force = (200, stream, {"Content-Type": "text/event-stream"})
+        events = (await a.ok("call_provider", provider="openai", path="v1/chat/completions",
+                             body={"stream": True}))["answer"]
+        assert len(events) == len(forms)
+    assert scan(a.everything(), *forms) == []
+
+
+def test_a_cut_answer_keeps_no_start_of_a_value() -> None:
+    """Each form is replaced; where the answer was cut, a value's first bytes at its end go."""
+    from broker.mcp_server import scrub_bytes
+
+    value = "hunter2-plain~~~looking-value"
+    encoded = base64.b64encode(value.encode())
+    assert scrub_bytes(b"a " + value.encode() + b" " + encoded, [value]) == \
+        b"a [redacted] [redacted]"
+    assert scrub_bytes(b"ok " + encoded[:9], [value], cut=True) == b"ok "
+    assert scrub_bytes(b"ok " + encoded[:9], [value]) == b"ok " + encoded[:9]

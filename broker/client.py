@@ -8,11 +8,17 @@ Stdlib only (no aiohttp import), so a service can `resolve("@ref")` cheaply:
 It finds the daemon by `SECRET_BROKER_URL` (`http://127.0.0.1:18443` or
 `unix:///path/broker.sock`) and `SECRET_BROKER_TOKEN`, else by the home's socket.
 Errors are the broker's own typed exceptions, with the CLI's exit codes.
+
+A token goes only where it cannot be read on the way or collected by someone else: a
+loopback host over plain HTTP, or the Unix socket; and over TCP only to a listener of this
+user's uid (any local user can listen on the port while the broker is down). An answer
+other than 2xx is an error: a redirect is never followed.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import socket
@@ -21,8 +27,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker import errors
+from broker import errors, netowner
 from broker.config import Home
+
+URL_FORMS = ("http://127.0.0.1:PORT (any loopback host: 127.0.0.0/8, [::1] or localhost) "
+             "or unix:///path/to/broker.sock")
 
 _BY_CODE: dict[str, type[errors.BrokerError]] = {
     "unauthorized": errors.Unauthorized,
@@ -54,12 +63,63 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class _OwnTcpConnection(http.client.HTTPConnection):
+    """Connects, then sends nothing until the kernel shows that the end it reached is a
+    socket of this user's uid (where it can tell: Linux)."""
+
+    def connect(self) -> None:
+        super().connect()
+        uid = netowner.far_end_uid(self.sock.getsockname(), self.sock.getpeername())
+        if uid is not None and uid != os.getuid():
+            self.sock.close()
+            who = ("an unknown user" if uid == netowner.UNSHOWN
+                   else f"uid {uid}, not yours ({os.getuid()})")
+            raise errors.BrokerNotRunning(
+                f"nothing was sent to port {self.port}: the socket listening there belongs to "
+                f"{who}, so it is not your broker (is it down, and another user took its "
+                "port?). Start it with `secret-broker start`, or use its Unix socket "
+                "(SECRET_BROKER_URL=unix:///path/to/broker.sock)", code="port_not_owned")
+
+
+def parse_url(url: str) -> tuple[str, int] | Path:
+    """`unix:///path` as the socket's path, `http://LOOPBACK:PORT` as (host, port); anything
+    else is refused, so a token is never sent in plaintext off this machine, nor to a URL
+    whose scheme or path would be silently dropped."""
+    parts = urlsplit(url)
+
+    def refuse(why: str) -> errors.ConfigError:
+        return errors.ConfigError(f"SECRET_BROKER_URL is not accepted ({why}): use {URL_FORMS}")
+
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise refuse("a unix URL is unix:// and an absolute path, nothing else")
+        return Path(parts.path)
+    if parts.scheme != "http":
+        raise refuse(f"the scheme must be http or unix, not {parts.scheme or 'none'}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise refuse("it must not carry a path, query, fragment or user name")
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback, port = False, None
+    if not loopback:
+        raise refuse("the host must be a loopback address; a token is never sent off this "
+                     "machine, where it could be read on the way")
+    if port is None:
+        raise refuse("it must name the port")
+    return host, port
+
+
 class BrokerClient:
     def __init__(self, *, socket_path: Path | None = None, url: str | None = None,
                  token: str | None = None, timeout: float = 30.0) -> None:
         if socket_path is None and url is None:
             raise ValueError("give socket_path or url")
-        self._socket = socket_path
+        target = parse_url(url) if socket_path is None and url is not None else socket_path
+        self._socket = target if isinstance(target, Path) else None
+        self._tcp = target if isinstance(target, tuple) else None
         self._url = url
         self._token = token
         self._timeout = timeout
@@ -71,8 +131,6 @@ class BrokerClient:
         token = env.get("SECRET_BROKER_TOKEN")
         url = env.get("SECRET_BROKER_URL")
         if url:
-            if url.startswith("unix:"):
-                return cls(socket_path=Path(urlsplit(url).path), token=token, timeout=timeout)
             return cls(url=url, token=token, timeout=timeout)
         return cls(socket_path=(home or Home.from_env(dict(env))).socket, token=token,
                    timeout=timeout)
@@ -84,9 +142,8 @@ class BrokerClient:
     def _connection(self) -> http.client.HTTPConnection:
         if self._socket is not None:
             return _UnixConnection(str(self._socket), self._timeout)
-        parts = urlsplit(self._url or "")
-        return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
-                                          timeout=self._timeout)
+        host, port = self._tcp or ("127.0.0.1", 0)
+        return _OwnTcpConnection(host, port, timeout=self._timeout)
 
     def exchange(self, method: str, path: str, body: bytes | None = None,
                  headers: Mapping[str, str] | None = None, limit: int | None = None
@@ -127,7 +184,7 @@ class BrokerClient:
             doc = json.loads(raw) if raw else {}
         except ValueError:
             doc = {}
-        if status >= 400:
+        if not 200 <= status < 300:  # a redirect included: never followed
             err = doc.get("error", {}) if isinstance(doc, dict) else {}
             code = str(err.get("code", "broker_error"))
             message = str(err.get("message", f"HTTP {status}"))

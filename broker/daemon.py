@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker import __version__, hardening, logs, routes, ui
+from broker import __version__, hardening, logs, netowner, routes, ui
 from broker.audit import parse_rfc3339, rfc3339
 from broker.auth import (
     Authenticator,
@@ -191,6 +191,17 @@ class BrokerState:
 
     def value(self, ref: str, version: int) -> str:
         self._used.add(ref)  # last-used times are written in the background, once a second
+        return self._value(ref, version)
+
+    def stored_values(self) -> list[str]:
+        """Every stored value that can be read, to scrub an answer with (not a use)."""
+        values = []
+        for ref, (version, _provider) in list(self._secrets.items()):
+            with contextlib.suppress(SecretUnavailable):  # unread, so never sent anywhere
+                values.append(self._value(ref, version))
+        return values
+
+    def _value(self, ref: str, version: int) -> str:
         cached = self._values.get(ref)
         if cached is not None and cached[0] == version:
             return cached[1]
@@ -622,8 +633,9 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}; is another broker "
-                          "running? (secret-broker status) or pick --listen HOST:PORT") from None
+        raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}{_held_by(port)}; is "
+                          "another broker running? (secret-broker status) or pick --listen "
+                          "HOST:PORT") from None
     return sock
 
 
@@ -638,6 +650,13 @@ def _answers(path: Path) -> bool:
         except TimeoutError:
             return True  # listening, its backlog full
         return True
+
+
+def _held_by(port: int) -> str:
+    """Who listens on a busy port, where the kernel shows it: another user may have taken
+    it to collect the tokens that clients send there."""
+    found = netowner.listener(netowner.read() or [], port)
+    return "" if found is None else f" (held by {netowner.holder(found)})"
 
 
 def _take_pid_lock(home: Home) -> int:

@@ -7,7 +7,9 @@ owner's `broker.token` is never a fallback). Each tool is one call to the daemon
 routes (`/v1/grants`, `/v1/explain`, `/v1/usage`) or its gateway (`/proxy/…`), so grants,
 leases, usage and audit apply exactly as for an SDK. Each call is recorded by the daemon
 (`mcp.tool_called`) before it is made: no audit, no action. Every answer, and every error,
-is scrubbed on its way to the model.
+is scrubbed on its way to the model: the daemon, which holds the values, replaces each
+stored value in a provider's answer (SCRUB_HEADER), and this server removes key shapes and
+its own token.
 
 The `mcp` SDK (the extra `secret-broker[mcp]`) is imported only where the server runs.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
@@ -30,6 +33,9 @@ TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
 MAX_ANSWER_BYTES = 256 * 1024  # what a model's context can take; the rest is cut with a note
 CALL_TIMEOUT_SECS = 330.0  # longer than the daemon's own idle read timeout (300 s)
 REDACTED = "[redacted]"
+# Asks the daemon, which holds the values, to return a /proxy answer whole with every stored
+# value (exact and base64) replaced by REDACTED, whatever the values look like.
+SCRUB_HEADER = "X-Broker-Scrub"
 # What provider keys look like (OpenAI and Anthropic `sk-…`, Google `AIza…`, Voyage `pa-…`,
 # Jina `jina_…`), where no letter or digit runs into them. The server cannot know the stored
 # values, so it removes anything shaped like one: defence in depth behind the gateway.
@@ -103,6 +109,19 @@ def scrub(doc: Any, secrets: Iterable[str]) -> Any:
         return node
 
     return walk(doc)
+
+
+def scrub_bytes(raw: bytes, secrets: Iterable[str], cut: bool = False) -> bytes:
+    """`raw` with each secret (exact and base64) replaced by [redacted]; for an answer `cut`
+    short, also a trailing start of one, which the rest would have completed."""
+    forms = [form.encode() for secret in secrets if secret for form in secret_forms(secret)]
+    for form in forms:
+        raw = raw.replace(form, REDACTED.encode())
+    if cut:
+        for form in forms:
+            raw = next((raw[:-k] for k in range(len(form) - 1, 0, -1)
+                        if raw.endswith(form[:k])), raw)
+    return raw
 
 
 # --- provider answers (pure) -----------------------------------------------------------------
@@ -182,13 +201,10 @@ class Tools:
                     "(or SECRET_BROKER_TOKEN_FILE) in this MCP server's environment to a "
                     "consumer token made with `secret-broker token create --consumer NAME`; "
                     "the owner's bootstrap token is never used here."))
-            url = environ.get("SECRET_BROKER_URL") or (
-                "http://" + load_config(Home.from_env(dict(environ))).listen)
+            client = _client(environ, token)
         except BrokerError as exc:
             return cls(None, None, "every tool is refused until the owner fixes this MCP "
                                    f"server's environment: {exc.message}")
-        client = BrokerClient.from_env(
-            {"SECRET_BROKER_URL": url, "SECRET_BROKER_TOKEN": token}, timeout=CALL_TIMEOUT_SECS)
         return cls(client, token)
 
     async def list_secrets(self) -> dict[str, Any]:
@@ -258,11 +274,12 @@ class Tools:
                               "(URL characters only, no spaces)", code="invalid_request")
         status, headers, raw = client.exchange(
             "POST", f"/proxy/{provider}/{path}", json.dumps(body).encode(),
-            {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+            {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+             SCRUB_HEADER: "values"},
             limit=MAX_ANSWER_BYTES + 1)
         cut = len(raw) > MAX_ANSWER_BYTES
         streamed, answer = read_answer(headers.get("content-type", ""), raw[:MAX_ANSWER_BYTES])
-        if status >= 400:
+        if not 200 <= status < 300:
             code, message = error_parts(answer)
             raise BrokerError(f"{provider} answered HTTP {status}"
                               + (f" ({code})" if code else "") + f": {message}",
@@ -272,6 +289,19 @@ class Tools:
             doc["note"] = (f"the answer was longer than {MAX_ANSWER_BYTES} bytes and was cut "
                            "there; ask for less (e.g. max_tokens, fewer inputs)")
         return doc
+
+
+def _client(environ: Mapping[str, str], token: str) -> BrokerClient:
+    """SECRET_BROKER_URL; else the home's Unix socket where this user may enter the home (no
+    other user can listen there); else the home's `listen`, which the client checks."""
+    url = environ.get("SECRET_BROKER_URL")
+    if url:
+        return BrokerClient(url=url, token=token, timeout=CALL_TIMEOUT_SECS)
+    home = Home.from_env(dict(environ))
+    if os.access(home.root, os.R_OK | os.X_OK):
+        return BrokerClient(socket_path=home.socket, token=token, timeout=CALL_TIMEOUT_SECS)
+    return BrokerClient(url="http://" + load_config(home).listen, token=token,
+                        timeout=CALL_TIMEOUT_SECS)
 
 
 def _token_from(environ: Mapping[str, str]) -> str | None:

@@ -30,6 +30,7 @@ from broker.errors import (
     UpstreamUnreachable,
     UsageError,
 )
+from broker.mcp_server import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
 from broker.providers import Provider
 from broker.store import parse_ref
 from broker.usage import (
@@ -173,10 +174,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         fmt = provider.usage_format(m.route)
         estimate = estimate_tokens(body, doc)
         reservation = state.reserve_budget(request["principal"], estimate)
-        response, tap = await _forward(request, state, url,
-                                       upstream_headers(request.headers, provider, key,
-                                                        withheld),
-                                       body, ex, None if fmt == "none" else fmt)
+        headers = upstream_headers(request.headers, provider, key, withheld)
+        scrub = _scrub_request(request, headers, state)
+        response, tap = await _forward(request, state, url, headers, body, ex,
+                                       None if fmt == "none" else fmt, scrub)
         if tap is not None:
             tap.finish()
         return response
@@ -214,9 +215,46 @@ def with_route_query(query: str, fixed: tuple[tuple[str, str], ...]) -> str:
     return "&".join(([query] if query else []) + extra)
 
 
+def _scrub_request(request: web.Request, headers: CIMultiDict[str],
+                   state: BrokerState) -> list[str] | None:
+    """The stored values to scrub from the answer, where the caller (the MCP server) asks
+    for it; the upstream is then asked for an unencoded answer, which can be scrubbed."""
+    asked = request.headers.getall(SCRUB_HEADER, [])
+    if not asked:
+        return None
+    if asked != ["values"]:
+        raise UsageError(f"send {SCRUB_HEADER}: values, once")
+    headers["Accept-Encoding"] = "identity"
+    return state.stored_values()
+
+
+async def _scrubbed(request: web.Request, upstream: aiohttp.ClientResponse,
+                    response: web.StreamResponse, values: list[str], ex: Exchange,
+                    tap: UsageTap | None) -> web.StreamResponse:
+    """The whole answer (at most MAX_ANSWER_BYTES + 1, as the MCP server reads it) with
+    every stored value replaced, in one write."""
+    if upstream.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise UpstreamUnreachable("the upstream sent an encoded answer, which cannot be "
+                                  "scrubbed of stored values", code="upstream_encoded")
+    raw = b""
+    async for chunk in upstream.content.iter_any():
+        raw += chunk
+        ex["bytes_out"] += len(chunk)
+        if tap is not None:
+            tap.feed(chunk)
+        if len(raw) > MAX_ANSWER_BYTES:
+            break
+    cut = len(raw) > MAX_ANSWER_BYTES
+    response.headers.popall("Content-Length", None)
+    await response.prepare(request)
+    await response.write(scrub_bytes(raw[:MAX_ANSWER_BYTES + 1], values, cut))
+    await response.write_eof()
+    return response
+
+
 async def _forward(request: web.Request, state: BrokerState, url: URL,
-                   headers: CIMultiDict[str], body: bytes, ex: Exchange, usage_format: str | None
-                   ) -> tuple[web.StreamResponse, UsageTap | None]:
+                   headers: CIMultiDict[str], body: bytes, ex: Exchange, usage_format: str | None,
+                   scrub: list[str] | None = None) -> tuple[web.StreamResponse, UsageTap | None]:
     try:
         upstream = await state.upstream.request(request.method, url, headers=headers, data=body,
                                                 allow_redirects=False)
@@ -243,8 +281,10 @@ async def _forward(request: web.Request, state: BrokerState, url: URL,
         tap = None if usage_format is None else UsageTap(
             usage_format, upstream.headers.get("Content-Type", ""),
             upstream.headers.get("Content-Encoding"))
-        await response.prepare(request)
         try:
+            if scrub is not None:
+                return await _scrubbed(request, upstream, response, scrub, ex, tap), tap
+            await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
                 ex["bytes_out"] += len(chunk)

@@ -15,6 +15,7 @@ no other page can make the browser send.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from multidict import MultiMapping
 
 # The daemon imports this module for its guard; take the module, not names from it, so
 # either module may be imported first.
-from broker import daemon
+from broker import daemon, netowner
 from broker.audit import rfc3339
 from broker.auth import presented_token
 from broker.errors import Unauthorized, UsageError
@@ -202,6 +203,11 @@ async def start_session(request: web.Request) -> web.Response:
     code = body.get("code")
     if set(body) != {"code"} or not isinstance(code, str):
         raise UsageError('send {"code": "…"}, the code from `secret-broker ui`')
+    if not _from_owner(request):
+        state.record("auth.failed", reason="login_code_peer_uid", route=SESSION, status=401,
+                     peer=request.remote)
+        raise Unauthorized("a login code is taken only from a program of the user the broker "
+                           "runs as: open the dashboard as that user")
     try:
         token, expires_at = request.app[LOGINS].redeem(code)
     except Unauthorized:
@@ -209,6 +215,18 @@ async def start_session(request: web.Request) -> web.Response:
         raise
     state.record("ui.session_started", peer=request.remote)
     return web.json_response({"token": token, "expires_at": rfc3339(expires_at)})
+
+
+def _from_owner(request: web.Request) -> bool:
+    """Does the request come over the Unix socket (0600), or over a loopback connection whose
+    other end belongs to the broker's own uid (where the kernel shows it: Linux)?
+    Another local user who got hold of a code cannot trade it."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(peer, tuple) or not isinstance(local, tuple):
+        return True
+    return netowner.far_end_uid(local, peer) in (None, os.getuid())
 
 
 async def end_session(request: web.Request) -> web.Response:

@@ -282,3 +282,12 @@ def ext4_image(size: str = "8M") -> Iterator[Path]:
         subprocess.run(["chattr", "-R", "-i", str(mnt)], capture_output=True, check=False)
         subprocess.run(["umount", "-l", str(mnt)], check=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def gw(shared: Broker) -> Broker:
+    """The module's own `shared` broker, alive, with the stand-ins' records cleared."""
+    assert shared.daemon.proc.poll() is None, shared.log()
+    for s in shared.standins.values():
+        s.clear()
+    return shared

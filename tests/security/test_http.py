@@ -43,15 +43,6 @@ def shared(module_home: Cli) -> Iterator[Broker]:
     stop_standins(stands)
 
 
-@pytest.fixture
-def gw(shared: Broker) -> Broker:
-    """The module's broker, alive, with the stand-ins' records cleared."""
-    assert shared.daemon.proc.poll() is None, shared.log()
-    for s in shared.standins.values():
-        s.clear()
-    return shared
-
-
 def assert_no_handler_crashed(gw: Broker) -> None:
     """Only the HTTP parser may have refused something; no handler raised (a 500)."""
     assert "Traceback" not in gw.log()

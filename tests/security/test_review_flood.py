@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from broker.client import BrokerClient
 from broker.config import Home
 from broker.errors import Denied, UsageError
 from broker.service import Service
@@ -127,9 +128,8 @@ def test_the_admin_audit_route_returns_the_newest_events_of_a_large_log(
         owner.request("GET", "/v1/admin/audit?limit=100000000")
 
 
-def test_consumers_see_only_their_own_status(cli: Cli, daemon_factory: Any) -> None:
-    """A consumer token's /v1/status holds its own name and lease count, no grants file
-    error, no other consumer's counts, no backend or file paths; the owner sees it all."""
+def two_consumers(cli: Cli, daemon_factory: Any) -> tuple[Daemon, BrokerClient, BrokerClient]:
+    """A daemon whose grants let agent-a and agent-b use one secret, and their clients."""
     cli.add("@openai_api_key", CANARY)
     write_grants(cli.home, grant("openai_api_key", "agent-a") + grant("openai_api_key",
                                                                       "agent-b"))
@@ -137,6 +137,13 @@ def test_consumers_see_only_their_own_status(cli: Cli, daemon_factory: Any) -> N
     tokens = {c: json.loads(cli.ok("token", "create", "--consumer", c, "--json"))["token"]
               for c in ("agent-a", "agent-b")}
     a, b = (d.client(token=tokens[c]) for c in ("agent-a", "agent-b"))
+    return d, a, b
+
+
+def test_consumers_see_only_their_own_status(cli: Cli, daemon_factory: Any) -> None:
+    """A consumer token's /v1/status holds its own name and lease count, no grants file
+    error, no other consumer's counts, no backend or file paths; the owner sees it all."""
+    d, a, b = two_consumers(cli, daemon_factory)
     write_grants(cli.home, "this is [not toml")
     os.kill(d.proc.pid, signal.SIGHUP)
     owner = d.client()
@@ -153,13 +160,7 @@ def test_consumers_see_only_their_own_status(cli: Cli, daemon_factory: Any) -> N
 
 def test_consumer_status_counts_only_its_own_leases(cli: Cli, daemon_factory: Any) -> None:
     """Two consumers with different lease counts each see exactly their own."""
-    cli.add("@openai_api_key", CANARY)
-    write_grants(cli.home, grant("openai_api_key", "agent-a") + grant("openai_api_key",
-                                                                      "agent-b"))
-    d = daemon_factory()
-    tokens = {c: json.loads(cli.ok("token", "create", "--consumer", c, "--json"))["token"]
-              for c in ("agent-a", "agent-b")}
-    a, b = (d.client(token=tokens[c]) for c in ("agent-a", "agent-b"))
+    d, a, b = two_consumers(cli, daemon_factory)
     a.lease("@openai_api_key", "llm.chat")
     b.lease("@openai_api_key", "llm.chat")
     b.lease("@openai_api_key", "llm.embeddings")

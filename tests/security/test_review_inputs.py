@@ -50,15 +50,6 @@ def shared(module_home: Cli) -> Iterator[Broker]:
     stop_standins(stands)
 
 
-@pytest.fixture
-def gw(shared: Broker) -> Broker:
-    """The module's broker, alive, with the stand-ins' records cleared."""
-    assert shared.daemon.proc.poll() is None, shared.log()
-    for s in shared.standins.values():
-        s.clear()
-    return shared
-
-
 def assert_no_handler_crashed(b: Broker) -> None:
     assert "Traceback" not in b.log() and '"internal.error"' not in b.log(), b.log()[-2000:]
 

@@ -1,3 +1,3 @@
-from broker.cli import main
+from broker.cli.main import main
 
 raise SystemExit(main())

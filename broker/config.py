@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.errors import ConfigError, InsecureFile, NotInitialized
+from broker.core.errors import ConfigError, InsecureFile, NotInitialized
 
 DEFAULT_LISTEN = "127.0.0.1:18443"
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -282,7 +282,7 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
 
 
 def _parse_providers(body: Any, source: str) -> dict[str, Any]:
-    from broker.providers import build_providers  # the provider table owns that schema
+    from broker.gateway.providers import build_providers  # the provider table owns that schema
 
     if not isinstance(body, dict):
         raise ConfigError(f"{source}: [providers] must hold tables like [providers.openai]")

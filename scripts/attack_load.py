@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from broker.client import BrokerClient  # noqa: E402 - after the path set-up
 from broker.config import Home  # noqa: E402
-from broker.errors import BrokerNotRunning  # noqa: E402
-from broker.service import Service  # noqa: E402
+from broker.core.errors import BrokerNotRunning  # noqa: E402
+from broker.service.secrets import Service  # noqa: E402
 from tests.support.standins import StandIn  # noqa: E402
 
 OPENAI_KEY = "sk-load-openai-" + os.urandom(8).hex()

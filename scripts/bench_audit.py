@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.audit import AuditLog, read_lines, verify
-from broker.metadata import Metadata
+from broker.store.audit import AuditLog, read_lines, verify
+from broker.store.metadata import Metadata
 
 KEY = os.urandom(32)
 FIELDS = {"secret_ref": "openai_api_key", "consumer": "ugent-core", "purpose": "llm.chat",

@@ -98,7 +98,7 @@ def slowest_imports(env: dict[str, str], top: int) -> list[tuple[int, int, str]]
 
 def forget_keychain_entries(env: dict[str, str]) -> None:
     """Remove what the keychain home stored, so a real keyring is left as it was."""
-    from broker.keychain import find_backend
+    from broker.store.keychain import find_backend
 
     db = sqlite3.connect(Path(env["SECRET_BROKER_HOME"]) / "metadata.db")
     (instance,) = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from broker.client import BrokerClient
-from broker.errors import BrokerNotRunning
+from broker.core.errors import BrokerNotRunning
 
 # Canary values: tests store these and then scan every output for them.
 CANARY = "sk-canary-" + uuid.uuid4().hex

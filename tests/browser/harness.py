@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from broker.client import BrokerClient
-from broker.metadata import Metadata
-from broker.usage import UsageRow
+from broker.gateway.usage import UsageRow
+from broker.store.metadata import Metadata
 from tests.conftest import Cli, Daemon, grant, write_grants
 from tests.security.conftest import add_secrets
 

@@ -17,9 +17,9 @@ from playwright.sync_api import Page, expect
 
 from broker.client import BrokerClient
 from broker.config import Home
-from broker.errors import Unauthorized
-from broker.service import Service
-from broker.ui import HEADERS
+from broker.core.errors import Unauthorized
+from broker.server.ui import HEADERS
+from broker.service.secrets import Service
 from tests.browser.conftest import Site, Watched
 from tests.browser.harness import explain, owner
 from tests.conftest import CANARY, CANARY_2, Cli, wait_for

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import build_parser
-from broker.completions import command_tree
+from broker.cli.completions import command_tree
+from broker.cli.main import build_parser
 from tests.conftest import CANARY, Cli
 
 BIN = Path(sys.executable).parent  # where `secret-broker` is installed beside this Python

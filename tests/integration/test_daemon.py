@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from broker.client import BrokerClient
-from broker.errors import BrokerNotRunning, Denied, SecretNotFound, Unauthorized
+from broker.core.errors import BrokerNotRunning, Denied, SecretNotFound, Unauthorized
 from tests.conftest import CANARY, CANARY_2, Cli, grant, scan, wait_for, write_grants
 
 

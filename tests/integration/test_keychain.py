@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from broker.keychain import HOME_KEY
+from broker.store.keychain import HOME_KEY
 from tests.conftest import CANARY, CANARY_2, Cli, base_env, scan
 
 NO_BUS = {"DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent/bus"}
@@ -49,7 +49,7 @@ def instance_id(home: Path) -> str:
 
 def secret_service() -> Any:
     """The keyring backend the broker uses, opened in this process to look behind the CLI."""
-    from broker.keychain import find_backend
+    from broker.store.keychain import find_backend
 
     return find_backend()
 

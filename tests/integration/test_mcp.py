@@ -14,7 +14,7 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import CallToolResult
 
-from broker.errors import UsageError
+from broker.core.errors import UsageError
 from tests.conftest import CANARY, Cli, scan, wait_for, write_grants
 from tests.support.gateway import PROVIDERS, Gateway, configure, real_key
 from tests.support.standins import StandIn

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from broker.client import BrokerClient
-from broker.errors import BrokerError, Forbidden, Unauthorized
+from broker.core.errors import BrokerError, Forbidden, Unauthorized
 from tests.conftest import CANARY, CANARY_2, Cli, scan, wait_for, write_grants
 from tests.support.gateway import Gateway
 from tests.support.sdk_clients import openai_client

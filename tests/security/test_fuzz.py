@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from broker import envelope, routes
-from broker.errors import MethodNotAllowed, RouteNotFound
-from broker.providers import build_providers
+from broker.core.errors import MethodNotAllowed, RouteNotFound
+from broker.gateway import routes
+from broker.gateway.providers import build_providers
+from broker.store import envelope
 from grants import Grant, GrantsError, load_grants, parse_grants
 
 # Derandomized so CI is repeatable; each was also run with 4000 random examples.

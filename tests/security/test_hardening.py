@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from broker.client import BrokerClient
-from broker.errors import BrokerNotRunning
+from broker.core.errors import BrokerNotRunning
 from tests.conftest import Cli, wait_for
 
 NOBODY = 65534

@@ -10,8 +10,9 @@ import sqlite3
 
 import structlog
 
-from broker import audit, logs
-from broker.text import printable
+from broker.core import logs
+from broker.core.text import printable
+from broker.store import audit
 from tests.conftest import CANARY, Cli, Daemon, wait_for, write_grants
 from tests.security.conftest import exchange, request_bytes
 

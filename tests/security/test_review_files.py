@@ -22,7 +22,7 @@ import pyrage
 import pytest
 
 from broker.client import BrokerClient
-from broker.errors import BrokerNotRunning
+from broker.core.errors import BrokerNotRunning
 from tests.conftest import CANARY, Cli
 
 # The CLI, started so that its pid is known before it runs: it prints its pid, waits for a

@@ -18,8 +18,8 @@ import pytest
 
 from broker.client import BrokerClient
 from broker.config import Home
-from broker.errors import Denied, UsageError
-from broker.service import Service
+from broker.core.errors import Denied, UsageError
+from broker.service.secrets import Service
 from tests.conftest import CANARY, Cli, Daemon, grant, wait_for, write_grants
 
 PER_KIND = 1500  # refused requests of each kind: far past the throttle's old overflow (~1,000)

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from broker import service, usage
 from broker.config import ConfigError, parse_config
-from broker.metadata import Metadata
+from broker.gateway import usage
+from broker.service import secrets as service
+from broker.store.metadata import Metadata
 from tests.conftest import CANARY, Cli, wait_for
 from tests.security.conftest import (
     PURPOSES,

@@ -20,7 +20,7 @@ from typing import Any
 import pyrage
 import pytest
 
-from broker.errors import BrokerError
+from broker.core.errors import BrokerError
 from tests.conftest import CANARY, Cli, base_env, scan
 from tests.integration.test_keychain import keychain_homes as keychain_homes  # a fixture
 from tests.integration.test_keychain import needs_secret_service, one_line_error, value_of

@@ -1,4 +1,4 @@
-"""broker.audit's pure core: sealing, verifying, --since parsing and filtering."""
+"""broker.store.audit's pure core: sealing, verifying, --since parsing and filtering."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import audit
-from broker.errors import UsageError
+from broker.core.errors import UsageError
+from broker.store import audit
 
 KEY = b"k" * 32
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from multidict import CIMultiDict
 
-from broker.auth import Authenticator, ConsumerToken, FailureThrottle, presented_token
-from broker.providers import BUILTIN
-from broker.proxy import upstream_headers
+from broker.gateway.providers import BUILTIN
+from broker.server.auth import Authenticator, ConsumerToken, FailureThrottle, presented_token
+from broker.server.gateway import upstream_headers
 
 
 def test_presented_token_looks_only_where_told() -> None:

@@ -16,7 +16,7 @@ from broker.config import (
     render_config,
     write_private,
 )
-from broker.errors import ConfigError, InsecureFile, NotInitialized
+from broker.core.errors import ConfigError, InsecureFile, NotInitialized
 
 
 def test_empty_config_gives_defaults() -> None:

@@ -1,4 +1,4 @@
-"""broker.envelope: the vault format as pure functions, held to strict bounds."""
+"""broker.store.envelope: the vault format as pure functions, held to strict bounds."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import envelope
-from broker.envelope import EnvelopeError, KdfParams
+from broker.store import envelope
+from broker.store.envelope import EnvelopeError, KdfParams
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

@@ -1,11 +1,11 @@
-"""broker.mcp_server's pure parts: the scrubber every tool answer passes, and answer parsing."""
+"""broker.cli.mcp's pure parts: the scrubber every tool answer passes, and answer parsing."""
 
 from __future__ import annotations
 
 import base64
 import json
 
-from broker.mcp_server import REDACTED, error_parts, read_answer, scrub, secret_forms
+from broker.cli.mcp import REDACTED, error_parts, read_answer, scrub, secret_forms
 
 TOKEN = "sbc_" + "Zm9vYmFy-_" * 4
 

@@ -1,4 +1,4 @@
-"""broker.mcp_server.Tools without a daemon: audit first, hints in errors, the token's sources."""
+"""broker.cli.mcp.Tools without a daemon: audit first, hints in errors, the token's sources."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from mcp.server.mcpserver.exceptions import ToolError
 
-from broker.errors import AuditUnavailable, BrokerError, Denied
-from broker.mcp_server import REDACTED, Tools, serve
+from broker.cli.mcp import REDACTED, Tools, serve
+from broker.core.errors import AuditUnavailable, BrokerError, Denied
 
 TOKEN = "sbc_unit-test-token-0123456789abcdef"
 

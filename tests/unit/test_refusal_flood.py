@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import audit
-from broker.auth import FailureThrottle, RefusalTally
+from broker.server.auth import FailureThrottle, RefusalTally
+from broker.store import audit
 
 
 def test_throttle_stays_at_its_cap_for_100000_failures() -> None:

@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.envfile import env_uses, parse_env_file, parse_env_flag
-from broker.errors import ConfigError, NotFound, UsageError
-from broker.profiles import (
+from broker.core.errors import ConfigError, NotFound, UsageError
+from broker.service.envfile import env_uses, parse_env_file, parse_env_flag
+from broker.service.profiles import (
     denied,
     env_denials,
     find_profile,
     grant_snippet,
     parse_profiles,
 )
-from broker.template import TemplateError, find_refs, ref_template, render
+from broker.service.template import TemplateError, find_refs, ref_template, render
 from grants import AccessRequest, Allow, decide, parse_grants
 
 SECRET_LOOKALIKE = "sk-pasted-by-mistake-0123456789"

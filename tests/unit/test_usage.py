@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.usage import (
+from broker.gateway.usage import (
     Budgets,
     Usage,
     UsageBook,

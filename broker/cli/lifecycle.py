@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 
-from broker import envelope
 from broker.client import BrokerClient
 from broker.config import Home, open_private, private_dir, without_broker_vars
-from broker.errors import BrokerError, BrokerNotRunning
-from broker.vault import HEADER, passphrase_source, read_passphrase
+from broker.core.errors import BrokerError, BrokerNotRunning
+from broker.store import envelope
+from broker.store.vault import HEADER, passphrase_source, read_passphrase
 
 POLL = 0.05
 # What `serve` reads from the environment; the owner's tokens and export passphrase stay out.

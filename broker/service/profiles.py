@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.envfile import ENV_NAME_RE, LOADER_REASON, is_loader_var
-from broker.errors import ConfigError, Denied, NotFound, UsageError
-from broker.store import REF_RE, parse_ref
-from broker.template import ref_template
+from broker.core.errors import ConfigError, Denied, NotFound, UsageError
+from broker.service.envfile import ENV_NAME_RE, LOADER_REASON, is_loader_var
+from broker.service.template import ref_template
+from broker.store.backend import REF_RE, parse_ref
 from grants import AccessRequest, Deny, Grant, decide
 
 PROFILE_KEYS = ("consumer", "env")

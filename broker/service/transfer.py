@@ -23,14 +23,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from broker import audit
 from broker.config import Home, check_private, secret_file_from, write_private
-from broker.errors import BrokerError, UnlockFailed, UsageError
-from broker.store import parse_ref
+from broker.core.errors import BrokerError, UnlockFailed, UsageError
+from broker.store import audit
+from broker.store.backend import parse_ref
 
 if TYPE_CHECKING:
-    from broker.metadata import SecretMeta
-    from broker.service import Service
+    from broker.service.secrets import Service
+    from broker.store.metadata import SecretMeta
 
 FORMAT = "secret-broker-export"
 VERSION = 1
@@ -216,7 +216,7 @@ def decrypt(blob: bytes, source: str, *, identities: Sequence[Any],
 def read_passphrase(env: Mapping[str, str], *, confirm: bool) -> str:
     """SECRET_BROKER_EXPORT_PASSPHRASE_FILE, then SECRET_BROKER_EXPORT_PASSPHRASE, else a
     prompt on the terminal (asked twice when `confirm`)."""
-    from broker.vault import obtain_passphrase
+    from broker.store.vault import obtain_passphrase
 
     return obtain_passphrase(
         secret_file_from(env, "SECRET_BROKER_EXPORT_PASSPHRASE_FILE"),
@@ -282,7 +282,7 @@ def _entries(text: str, kind: str, source: str) -> int:
         from grants import parse_grants
 
         return len(parse_grants(text, source))
-    from broker.profiles import parse_profiles
+    from broker.service.profiles import parse_profiles
 
     return len(parse_profiles(text, source))
 

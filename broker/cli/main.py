@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from broker.config import Home, load_config, open_private, private_dir, without_broker_vars
-from broker.errors import BrokerError, UsageError
-from broker.text import printable
+from broker.core.errors import BrokerError, UsageError
+from broker.core.text import printable
 
 EXIT_CODES = """\
 exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
@@ -29,7 +29,7 @@ exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
 
 
 def _service(args: argparse.Namespace) -> Any:
-    from broker.service import Service
+    from broker.service.secrets import Service
 
     home = Home.from_env()
     home.require()
@@ -77,7 +77,7 @@ def _read_text(path: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from broker.service import init_home
+    from broker.service.secrets import init_home
 
     result = init_home(Home.from_env(), args.backend)
     if not result.created:
@@ -109,7 +109,7 @@ _META_HEADER = ("REF", "PROVIDER", "KIND", "BACKEND", "FINGERPRINT", "VERSION", 
 
 def cmd_add(args: argparse.Namespace) -> int:
     svc = _service(args)
-    from broker.store import parse_ref
+    from broker.store.backend import parse_ref
 
     parse_ref(args.ref)
     svc.metadata.require_absent(parse_ref(args.ref))  # refuse before prompting for a value
@@ -157,8 +157,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from broker.envfile import env_uses, parse_env_file, parse_env_flag
-    from broker.template import render
+    from broker.service.envfile import env_uses, parse_env_file, parse_env_flag
+    from broker.service.template import render
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -186,7 +186,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from broker.template import TemplateError, find_refs, render
+    from broker.service.template import TemplateError, find_refs, render
 
     template = _read_text(args.input)
     try:
@@ -268,8 +268,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def cmd_grants_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from broker.doctor import purpose_warnings
-    from broker.providers import BUILTIN, build_providers
+    from broker.cli.check import purpose_warnings
+    from broker.gateway.providers import BUILTIN, build_providers
     from grants import load_grants
     from grants.render import grants_as_rows
 
@@ -306,7 +306,7 @@ def cmd_grants_check(args: argparse.Namespace) -> int:
 
 def _profiles_beside(grants_file: Path) -> dict[str, object] | None:
     """The home's profiles.toml beside the grants file, validated; None when there is none."""
-    from broker.profiles import load_profiles
+    from broker.service.profiles import load_profiles
 
     path = grants_file.with_name("profiles.toml")
     if not path.exists():
@@ -341,26 +341,26 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.daemon import serve
+    from broker.server.app import serve
 
     return serve(Home.from_env(), listen=args.listen, log_format=args.log_format,
                  allow_remote=args.allow_remote)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from broker.lifecycle import start
+    from broker.cli.lifecycle import start
 
     return start(Home.from_env(), listen=args.listen, timeout=args.timeout)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from broker.lifecycle import stop
+    from broker.cli.lifecycle import stop
 
     return stop(Home.from_env(), timeout=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from broker.lifecycle import status
+    from broker.cli.lifecycle import status
 
     return status(Home.from_env(), as_json=args.json)
 
@@ -393,7 +393,7 @@ def _login_page(home: Home, url: str, expires_at: str) -> str:
     link goes in a new 0600 file in the private run/ directory instead. Its mtime is set
     to the code's expiry, and pages past it are deleted here, the next time.
     """
-    from broker.audit import parse_rfc3339
+    from broker.store.audit import parse_rfc3339
 
     private_dir(home.run)
     now = time.time()
@@ -467,7 +467,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from broker.export import export_home, read_passphrase
+    from broker.service.transfer import export_home, read_passphrase
 
     write = _inject_target(args)  # a terminal or an existing file is refused before any read
     svc = _service(args)
@@ -483,7 +483,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from broker.export import import_home, open_export, read_export
+    from broker.service.transfer import import_home, open_export, read_export
 
     svc = _service(args)
     blob, source = read_export(args.file)
@@ -501,7 +501,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from broker import doctor
+    from broker.cli import check as doctor
 
     home = Home.from_env()
     home.require()
@@ -520,13 +520,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from broker.mcp_server import serve
+    from broker.cli.mcp import serve
 
     return serve(os.environ)
 
 
 def cmd_completions(args: argparse.Namespace) -> int:
-    from broker.completions import render
+    from broker.cli.completions import render
 
     sys.stdout.write(render(args.shell, build_parser()))
     return 0
@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--fix", action="store_true", help="repair file modes (nothing else)")
 
-    from broker.completions import SHELLS
+    from broker.cli.completions import SHELLS
 
     sp = command("completions", cmd_completions, "print a shell completion script")
     sp.add_argument("shell", choices=SHELLS)

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from broker.errors import MethodNotAllowed, RouteNotFound
-from broker.providers import Provider, Route
+from broker.core.errors import MethodNotAllowed, RouteNotFound
+from broker.gateway.providers import Provider, Route
 
 PREFIX = "/proxy/"
 _SEGMENT = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")

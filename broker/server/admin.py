@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.audit import rfc3339
-from broker.daemon import STATE, json_body
-from broker.errors import UsageError
+from broker.core.errors import UsageError
+from broker.server.app import STATE, json_body
+from broker.store.audit import rfc3339
 from grants import AccessRequest
 from grants.render import explain_as_json, grants_as_rows
 

@@ -23,7 +23,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker import audit
 from broker.config import (
     Config,
     Home,
@@ -33,7 +32,7 @@ from broker.config import (
     render_config,
     write_private,
 )
-from broker.errors import (
+from broker.core.errors import (
     BrokerError,
     NotFound,
     SecretExists,
@@ -41,13 +40,14 @@ from broker.errors import (
     UnlockFailed,
     UsageError,
 )
-from broker.metadata import Metadata, SecretMeta, TokenMeta, case_twin_message
-from broker.store import KINDS, SecretStore, choose_backend, open_store, parse_ref
-from broker.usage import DIMENSIONS, UsageRow, group, utc_day
+from broker.gateway.usage import DIMENSIONS, UsageRow, group, utc_day
+from broker.store import audit
+from broker.store.backend import KINDS, SecretStore, choose_backend, open_store, parse_ref
+from broker.store.metadata import Metadata, SecretMeta, TokenMeta, case_twin_message
 
 if TYPE_CHECKING:
-    from broker.export import ExportedSecret
-    from broker.profiles import Profile
+    from broker.service.profiles import Profile
+    from broker.service.transfer import ExportedSecret
 
 INSTANCE_KEY = "!instance-key"
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
@@ -123,7 +123,7 @@ def init_home(home: Home, requested: str | None, environ: Mapping[str, str] | No
     home.run.mkdir(mode=0o700, exist_ok=True)
     key_file = False
     if choice.backend == "file-vault":
-        from broker.vault import create_vault
+        from broker.store.vault import create_vault
 
         key_file = create_vault(home, choice.passphrase) == "keyfile"
     metadata = Metadata(home.metadata)
@@ -375,7 +375,7 @@ class Service:
         whole, naming the grants to add.
         """
         # Imported here: a plain `exec` needs neither profiles nor the grants loader.
-        from broker.profiles import denied, env_denials, find_profile, load_profiles
+        from broker.service.profiles import denied, env_denials, find_profile, load_profiles
         from grants import load_grants
 
         profile = find_profile(load_profiles(self.home.profiles), name, self.home.profiles)
@@ -391,7 +391,7 @@ class Service:
 
     def export_secrets(self) -> list[ExportedSecret]:
         """Every secret with its value; all are read, then each is audited `secret.exported`."""
-        from broker.export import ExportedSecret
+        from broker.service.transfer import ExportedSecret
 
         exported = [ExportedSecret(m.ref, m.provider, m.kind, m.version, m.created_at,
                                    m.rotated_at, self.value(m.ref)) for m in self.metadata.all()]

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from broker.text import printable
+from broker.core.text import printable
 
 _REDACT = ("authorization", "token", "value", "body", "password", "passphrase", "key",
            "secret", "cookie")

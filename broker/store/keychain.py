@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import Home
-from broker.errors import KeychainUnavailable, SecretNotFound, UnlockFailed
-from broker.metadata import read_instance_id
+from broker.core.errors import KeychainUnavailable, SecretNotFound, UnlockFailed
+from broker.store.metadata import read_instance_id
 
 HOME_KEY = "!home"  # the real path of the home these entries belong to
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from broker.errors import Denied
+from broker.core.errors import Denied
 from grants import (
     AccessRequest,
     Decision,
@@ -29,7 +29,7 @@ from grants import (
 )
 from grants.model import Grant
 
-log = structlog.get_logger("broker.leases")
+log = structlog.get_logger("broker.server.access")
 Record = Callable[..., None]
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from broker.errors import SecretExists, SecretNotFound
-from broker.usage import UsageRow
+from broker.core.errors import SecretExists, SecretNotFound
+from broker.gateway.usage import UsageRow
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (

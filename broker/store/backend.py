@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from broker.config import Home
-from broker.errors import KeychainUnavailable, UsageError
+from broker.core.errors import KeychainUnavailable, UsageError
 
 REF_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 KINDS = ("api_key", "token", "password", "certificate", "other")
@@ -44,12 +44,12 @@ def parse_ref(text: str) -> str:
 def open_store(home: Home, backend: str, instance_id: str,
                environ: Mapping[str, str] | None = None) -> SecretStore:
     if backend == "keychain":
-        from broker.keychain import Keychain
+        from broker.store.keychain import Keychain
 
         keychain = Keychain(instance_id)
         keychain.claim(home, instance_id)
         return keychain
-    from broker.vault import open_vault
+    from broker.store.vault import open_vault
 
     return open_vault(home, environ)
 
@@ -64,7 +64,7 @@ class BackendChoice:
 def choose_backend(requested: str | None,
                    environ: Mapping[str, str] | None = None) -> BackendChoice:
     """SPEC §3: the named backend; else a keychain that answers; else the file vault."""
-    from broker.vault import passphrase_source, read_passphrase
+    from broker.store.vault import passphrase_source, read_passphrase
 
     env = os.environ if environ is None else environ
     named = requested or env.get("SECRET_BROKER_BACKEND")
@@ -80,14 +80,14 @@ def choose_backend(requested: str | None,
                              "terminal, so it is unlocked by a generated key file")
 
     if named == "keychain":
-        from broker.keychain import find_backend
+        from broker.store.keychain import find_backend
 
         find_backend()  # raises KeychainUnavailable naming --backend file-vault
         return BackendChoice("keychain", f"{source} asked for the OS keychain")
     if named == "file-vault":
         return vault(f"{source} asked for the file vault")
     try:
-        from broker.keychain import find_backend
+        from broker.store.keychain import find_backend
 
         find_backend()
     except KeychainUnavailable:

@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.errors import ConfigError
+from broker.core.errors import ConfigError
 
 ERROR_SHAPES = ("openai", "google", "anthropic", "detail")
 USAGE_FORMATS = ("openai", "openai-responses", "gemini", "anthropic", "total_tokens", "none")

@@ -24,13 +24,15 @@ from importlib.resources import files
 from aiohttp import web
 from multidict import MultiMapping
 
+from broker.core import netowner
+from broker.core.errors import Unauthorized, UsageError
+
 # The daemon imports this module for its guard; take the module, not names from it, so
 # either module may be imported first.
-from broker import daemon, netowner
-from broker.audit import rfc3339
-from broker.auth import presented_token
-from broker.errors import Unauthorized, UsageError
-from broker.service import new_token, token_hash
+from broker.server import app as daemon
+from broker.server.auth import presented_token
+from broker.service.secrets import new_token, token_hash
+from broker.store.audit import rfc3339
 
 PREFIX = "/ui/"
 API = "/ui/api/"
@@ -183,7 +185,7 @@ def port_of(listen: str) -> int:
 
 async def asset(request: web.Request) -> web.Response:
     name, content_type = ASSETS[request.path.removeprefix(PREFIX)]
-    body = (files("broker") / "ui" / name).read_bytes()
+    body = (files("broker.server") / "ui" / name).read_bytes()
     return web.Response(body=body, content_type=content_type, charset="utf-8")
 
 
@@ -246,7 +248,7 @@ async def secure_headers(request: web.Request, response: web.StreamResponse) -> 
 
 def mount(app: web.Application) -> None:
     """The page, its login, the admin and lease routes under /ui/api, and the code route."""
-    from broker import admin  # admin imports daemon by name; daemon imports this module
+    from broker.server import admin  # admin imports daemon by name; daemon imports this module
 
     logins = app[LOGINS] = Logins()
     app[daemon.STATE].auth.sessions = logins

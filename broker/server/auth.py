@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from broker.errors import Unauthorized
+from broker.core.errors import Unauthorized
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ConsumerToken:
 
 
 class Sessions(Protocol):
-    """The dashboard's sessions (`broker.ui.Logins`), looked up by token hash."""
+    """The dashboard's sessions (`broker.server.ui.Logins`), looked up by token hash."""
 
     def touch(self, digest: str) -> bool:
         """Is the session with this token hash live? Using it counts as activity."""

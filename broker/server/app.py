@@ -26,18 +26,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker import __version__, hardening, logs, netowner, routes, ui
-from broker.audit import parse_rfc3339, rfc3339
-from broker.auth import (
-    Authenticator,
-    ConsumerToken,
-    FailureThrottle,
-    Principal,
-    RefusalTally,
-    presented_token,
-)
+from broker import __version__
 from broker.config import Config, Home, check_private, load_config, open_private, private_dir
-from broker.errors import (
+from broker.core import logs, netowner
+from broker.core.errors import (
     AuditUnavailable,
     BodyTooLarge,
     BrokerError,
@@ -52,12 +44,23 @@ from broker.errors import (
     UnlockFailed,
     UsageError,
 )
-from broker.leases import Access
-from broker.metadata import Metadata
-from broker.providers import Provider, build_providers, error_body
-from broker.service import CONSUMER_RE, Service
-from broker.store import parse_ref
-from broker.usage import Budgets, Reservation, UsageBook, utc_day
+from broker.gateway import routes
+from broker.gateway.providers import Provider, build_providers, error_body
+from broker.gateway.usage import Budgets, Reservation, UsageBook, utc_day
+from broker.server import hardening, ui
+from broker.server.access import Access
+from broker.server.auth import (
+    Authenticator,
+    ConsumerToken,
+    FailureThrottle,
+    Principal,
+    RefusalTally,
+    presented_token,
+)
+from broker.service.secrets import CONSUMER_RE, Service
+from broker.store.audit import parse_rfc3339, rfc3339
+from broker.store.backend import parse_ref
+from broker.store.metadata import Metadata
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows
 
@@ -550,7 +553,7 @@ async def my_explain(request: web.Request) -> web.Response:
 
 async def mcp_tool_called(request: web.Request) -> web.Response:
     """The MCP server records each tool call here before making it (no audit, no action)."""
-    from broker.mcp_server import TOOLS
+    from broker.cli.mcp import TOOLS
 
     state = request.app[STATE]
     body = await json_body(request)
@@ -566,7 +569,8 @@ async def mcp_tool_called(request: web.Request) -> web.Response:
 
 
 def create_app(state: BrokerState) -> web.Application:
-    from broker import admin, proxy
+    from broker.server import admin
+    from broker.server import gateway as proxy
 
     app = web.Application(
         middlewares=[errors_middleware, guard_middleware, auth_middleware],

@@ -17,15 +17,22 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from broker import __version__, envelope
-from broker.audit import parse_rfc3339
+from broker import __version__
 from broker.client import BrokerClient
 from broker.config import SECRET_FILE_VARS, Config, Home, load_config, secret_file_from
-from broker.errors import BrokerError, BrokerNotRunning, ConfigError, InsecureFile, SecretNotFound
-from broker.metadata import SecretMeta
-from broker.providers import Provider, build_providers
-from broker.service import Service
-from broker.vault import HEADER, FileVault
+from broker.core.errors import (
+    BrokerError,
+    BrokerNotRunning,
+    ConfigError,
+    InsecureFile,
+    SecretNotFound,
+)
+from broker.gateway.providers import Provider, build_providers
+from broker.service.secrets import Service
+from broker.store import envelope
+from broker.store.audit import parse_rfc3339
+from broker.store.metadata import SecretMeta
+from broker.store.vault import HEADER, FileVault
 from grants import Grant, GrantsError, load_grants
 
 DAY = 86400
@@ -166,7 +173,7 @@ def check_grants(scene: Scene) -> list[Finding]:
 
 
 def check_profiles(scene: Scene) -> list[Finding]:
-    from broker.profiles import load_profiles
+    from broker.service.profiles import load_profiles
 
     try:
         load_profiles(scene.home.profiles)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import parse_duration
-from broker.errors import AuditUnavailable, UsageError
+from broker.core.errors import AuditUnavailable, UsageError
 
 GENESIS = "0" * 64
 ACTORS = ("cli", "broker", "admin")

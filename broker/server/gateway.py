@@ -20,9 +20,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from broker import routes
-from broker.daemon import STATE, BrokerState, consumer_of, read_body
-from broker.errors import (
+from broker.cli.mcp import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
+from broker.core.errors import (
     BrokerError,
     SecretNotFound,
     SecretUnavailable,
@@ -30,10 +29,9 @@ from broker.errors import (
     UpstreamUnreachable,
     UsageError,
 )
-from broker.mcp_server import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
-from broker.providers import Provider
-from broker.store import parse_ref
-from broker.usage import (
+from broker.gateway import routes
+from broker.gateway.providers import Provider
+from broker.gateway.usage import (
     Reservation,
     Usage,
     UsageTap,
@@ -42,9 +40,11 @@ from broker.usage import (
     request_model,
     utc_day,
 )
+from broker.server.app import STATE, BrokerState, consumer_of, read_body
+from broker.store.backend import parse_ref
 from grants import AccessRequest
 
-log = structlog.get_logger("broker.proxy")
+log = structlog.get_logger("broker.server.gateway")
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",

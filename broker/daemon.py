@@ -55,7 +55,7 @@ from broker.errors import (
 from broker.leases import Access
 from broker.metadata import Metadata
 from broker.providers import Provider, build_providers, error_body
-from broker.service import CONSUMER_RE, Service
+from broker.service import CONSUMER_RE, MAX_VALUE_BYTES, Service
 from broker.store import parse_ref
 from broker.usage import Budgets, Reservation, UsageBook, utc_day
 from grants import DELIVERIES, AccessRequest, Lease
@@ -435,7 +435,10 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
-JSON_LIMIT = 64 << 10  # a JSON route's body: a secret's value and its metadata fit easily
+JSON_LIMIT = 64 << 10  # a JSON route's body: requests, grants questions, token settings
+# A body that carries a secret's value: the largest value the store takes (MAX_VALUE_BYTES),
+# written as JSON with every byte escaped (`\u00XX`, six bytes each), and its metadata.
+VALUE_JSON_LIMIT = 6 * MAX_VALUE_BYTES + JSON_LIMIT
 
 
 async def read_body(request: web.Request, limit: int, setting: str) -> bytes:

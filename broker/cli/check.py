@@ -204,7 +204,8 @@ def check_audit(scene: Scene) -> list[Finding]:
     return [error("audit", f"{scene.home.audit} is broken at line {verdict.first_bad_line}: "
                            f"{verdict.reason}",
                   "keep the file as evidence; find who wrote to it; "
-                  "`secret-broker audit verify` names the line")]
+                  "`secret-broker audit verify` names the line; once investigated (or for a "
+                  "home from before sealed checkpoints), `secret-broker audit verify --reseal`")]
 
 
 # --- secrets and grants -----------------------------------------------------------------------

@@ -190,7 +190,8 @@ class Tools:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Tools:
         """The token from SECRET_BROKER_TOKEN or _FILE; the daemon from SECRET_BROKER_URL,
-        else the home's `[broker] listen`. A problem refuses every tool, naming the fix."""
+        else the home's Unix socket, else its `[broker] listen` (owner-checked). A problem
+        refuses every tool, naming the fix."""
         try:
             token = _token_from(environ)
             if token is None or not token.startswith("sbc_"):

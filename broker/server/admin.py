@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.core.errors import UsageError
-from broker.server.app import STATE, json_body
+from broker.server.app import STATE, VALUE_JSON_LIMIT, json_body
 from broker.store.audit import rfc3339
 from grants import AccessRequest
 from grants.render import explain_as_json, grants_as_rows
@@ -52,7 +52,7 @@ async def list_secrets(request: web.Request) -> web.Response:
 
 async def add_secret(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    f = _fields(await json_body(request), ("ref", "provider", "kind", "value"))
+    f = _fields(await json_body(request, VALUE_JSON_LIMIT), ("ref", "provider", "kind", "value"))
     meta = state.admin.add(_str(f["ref"]), _str(f["provider"]), _str(f["kind"]), _str(f["value"]))
     state.refresh(force=True)
     return web.json_response(meta.as_json(), status=201)
@@ -65,7 +65,7 @@ async def inspect_secret(request: web.Request) -> web.Response:
 
 async def rotate_secret(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    f = _fields(await json_body(request), ("value",))
+    f = _fields(await json_body(request, VALUE_JSON_LIMIT), ("value",))
     meta = state.admin.rotate(request.match_info["ref"], _str(f["value"]))
     state.refresh(force=True)
     return web.json_response(meta.as_json())

@@ -57,7 +57,7 @@ from broker.server.auth import (
     RefusalTally,
     presented_token,
 )
-from broker.service.secrets import CONSUMER_RE, Service
+from broker.service.secrets import CONSUMER_RE, MAX_VALUE_BYTES, Service
 from broker.store.audit import parse_rfc3339, rfc3339
 from broker.store.backend import parse_ref
 from broker.store.metadata import Metadata
@@ -438,7 +438,10 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
-JSON_LIMIT = 64 << 10  # a JSON route's body: a secret's value and its metadata fit easily
+JSON_LIMIT = 64 << 10  # a JSON route's body: requests, grants questions, token settings
+# A body that carries a secret's value: the largest value the store takes (MAX_VALUE_BYTES),
+# written as JSON with every byte escaped (`\u00XX`, six bytes each), and its metadata.
+VALUE_JSON_LIMIT = 6 * MAX_VALUE_BYTES + JSON_LIMIT
 
 
 async def read_body(request: web.Request, limit: int, setting: str) -> bytes:

@@ -206,8 +206,7 @@ async def start_session(request: web.Request) -> web.Response:
     if set(body) != {"code"} or not isinstance(code, str):
         raise UsageError('send {"code": "…"}, the code from `secret-broker ui`')
     if not _from_owner(request):
-        state.record("auth.failed", reason="login_code_peer_uid", route=SESSION, status=401,
-                     peer=request.remote)
+        await state.refuse(request, "auth.failed", "login_code_peer_uid", 401)
         raise Unauthorized("a login code is taken only from a program of the user the broker "
                            "runs as: open the dashboard as that user")
     try:

@@ -504,13 +504,15 @@ def test_exec_replaces_the_cli_process(cli: Cli) -> None:
 def test_exec_child_does_not_inherit_passphrase(home: Path, passphrase_template: Path) -> None:
     """With SECRET_BROKER_PASSPHRASE set, the child gets the value but not the passphrase."""
     shutil.copytree(passphrase_template, home, symlinks=True)
-    c = Cli(home, passphrase_env(home, "env"))
+    c = Cli(home, {**passphrase_env(home, "env"), "UNRELATED_SETTING": "kept"})
     out = c.ok("exec", "--env", "V=@a", "--", "env")
     child_env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert child_env["V"] == "value-a"
     assert "SECRET_BROKER_PASSPHRASE" not in child_env
     assert PASSPHRASE not in out
-    assert child_env["SECRET_BROKER_HOME"] == str(home)  # the rest of the env passes
+    assert child_env["UNRELATED_SETTING"] == "kept"  # the rest of the env passes
+    # No SECRET_BROKER_* variable reaches a child unless asked for (the home included).
+    assert not [k for k in child_env if k.startswith("SECRET_BROKER_")]
 
 
 # --- file modes -----------------------------------------------------------------------------------

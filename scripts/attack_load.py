@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from broker.client import BrokerClient  # noqa: E402 - after the path set-up
 from broker.config import Home  # noqa: E402
 from broker.core.errors import BrokerNotRunning  # noqa: E402
-from broker.service.secrets import Service  # noqa: E402
+from broker.service.context import Context  # noqa: E402
+from broker.service.secrets import Secrets  # noqa: E402
 from tests.support.standins import StandIn  # noqa: E402
 
 OPENAI_KEY = "sk-load-openai-" + os.urandom(8).hex()
@@ -311,12 +312,13 @@ def main() -> int:
     try:
         subprocess.run([sys.executable, "-m", "broker", "init", "--backend", "file-vault"],
                        env=env, check=True, capture_output=True)
-        svc = Service(Home(home), env)
-        svc.add("openai_api_key", "openai", "api_key", OPENAI_KEY)
-        svc.add("jina_api_key", "jina", "api_key", JINA_KEY)
-        svc.add("voyage_api_key", "voyage", "api_key", VOYAGE_KEY)
-        svc.audit_log.close()
-        svc.metadata.close()
+        ctx = Context.open(Home(home), env)
+        secrets = Secrets(ctx)
+        secrets.add("openai_api_key", "openai", "api_key", OPENAI_KEY)
+        secrets.add("jina_api_key", "jina", "api_key", JINA_KEY)
+        secrets.add("voyage_api_key", "voyage", "api_key", VOYAGE_KEY)
+        ctx.audit_log.close()
+        ctx.metadata.close()
         (home / "config.toml").write_text(
             '[store]\nbackend = "file-vault"\n[limits]\nmax_body_bytes = 1048576\n'
             'read_timeout_secs = 2\n[audit]\nfsync = "batch"\n'

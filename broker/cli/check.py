@@ -28,7 +28,10 @@ from broker.core.errors import (
     SecretNotFound,
 )
 from broker.gateway.providers import Provider, build_providers
-from broker.service.secrets import Service
+from broker.service.context import Context
+from broker.service.queries import Queries
+from broker.service.secrets import Secrets
+from broker.service.tokens import Tokens
 from broker.store import envelope
 from broker.store.audit import parse_rfc3339
 from broker.store.metadata import SecretMeta
@@ -66,7 +69,7 @@ class Scene:
                  environ: Mapping[str, str] | None = None) -> None:
         self.home = home
         self.now = time.time() if now is None else now
-        self.service = Service(home, environ)
+        self.ctx = Context.open(home, environ)
 
     @cached_property
     def config(self) -> Config:
@@ -94,7 +97,7 @@ class Scene:
 
     @cached_property
     def secrets(self) -> list[SecretMeta]:
-        return self.service.list_secrets()
+        return Secrets(self.ctx).all()
 
     def days_since(self, when: str) -> float:
         return (self.now - (parse_rfc3339(when) or self.now)) / DAY
@@ -145,9 +148,9 @@ def check_env_files(scene: Scene) -> list[Finding]:
     found = []
     for name in SECRET_FILE_VARS:
         try:
-            secret_file_from(scene.service.environ, name)
+            secret_file_from(scene.ctx.environ, name)
         except InsecureFile as exc:
-            path = scene.service.environ[name]
+            path = scene.ctx.environ[name]
             found.append(error("modes", exc.message, f"chmod 600 {path}, or unset {name}"))
     return found
 
@@ -198,7 +201,7 @@ def check_kdf(scene: Scene) -> list[Finding]:
 
 
 def check_audit(scene: Scene) -> list[Finding]:
-    verdict = scene.service.verify_audit()
+    verdict = Queries(scene.ctx).verify_audit()
     if verdict.ok:
         return []
     return [error("audit", f"{scene.home.audit} is broken at line {verdict.first_bad_line}: "
@@ -214,7 +217,7 @@ def check_audit(scene: Scene) -> list[Finding]:
 def check_values(scene: Scene) -> list[Finding]:
     """Metadata without a stored value; stored values without metadata (file vault only:
     a keychain cannot list its entries)."""
-    store = scene.service.store
+    store = scene.ctx.store
     known = {m.ref for m in scene.secrets}
     if isinstance(store, FileVault):
         stored = set(store.refs())
@@ -311,7 +314,7 @@ def check_rotation(scene: Scene) -> list[Finding]:
 
 def check_tokens(scene: Scene) -> list[Finding]:
     found = []
-    for t in scene.service.list_tokens():
+    for t in Tokens(scene.ctx).all():
         if t.revoked_at is not None:
             continue
         who = f"token {t.id} (consumer {t.consumer})"

@@ -17,23 +17,33 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from broker.config import Home, load_config, open_private, private_dir, without_broker_vars
 from broker.core.errors import BrokerError, UsageError
 from broker.core.text import printable
+
+if TYPE_CHECKING:
+    from broker.service.context import Context
+    from broker.service.secrets import Secrets
 
 EXIT_CODES = """\
 exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
             5 unlock or decrypt failure, 6 broker not running"""
 
 
-def _service(args: argparse.Namespace) -> Any:
-    from broker.service.secrets import Service
+def _context(args: argparse.Namespace) -> Context:
+    from broker.service.context import Context
 
     home = Home.from_env()
     home.require()
-    return Service(home)
+    return Context.open(home)
+
+
+def _secrets(args: argparse.Namespace) -> Secrets:
+    from broker.service.secrets import Secrets
+
+    return Secrets(_context(args))
 
 
 def _print_json(doc: object) -> None:
@@ -77,7 +87,7 @@ def _read_text(path: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from broker.service.secrets import init_home
+    from broker.service.new_home import init_home
 
     result = init_home(Home.from_env(), args.backend)
     if not result.created:
@@ -108,18 +118,19 @@ _META_HEADER = ("REF", "PROVIDER", "KIND", "BACKEND", "FINGERPRINT", "VERSION", 
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    svc = _service(args)
+    service = _secrets(args)
     from broker.store.backend import parse_ref
 
     parse_ref(args.ref)
-    svc.metadata.require_absent(parse_ref(args.ref))  # refuse before prompting for a value
-    meta = svc.add(args.ref, args.provider, args.kind, _read_value(args, f"Value for {args.ref}: "))
+    service.ctx.metadata.require_absent(parse_ref(args.ref))  # refuse before prompting for a value
+    meta = service.add(args.ref, args.provider, args.kind,
+                       _read_value(args, f"Value for {args.ref}: "))
     print(f"added @{meta.ref} ({meta.provider} {meta.kind}, {meta.backend}, {meta.fingerprint})")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    metas = _service(args).list_secrets()
+    metas = _secrets(args).all()
     if args.refs:  # for shell completion: names from metadata.db only; never unlocks
         for meta in metas:
             print(meta.ref)
@@ -133,7 +144,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    meta = _service(args).inspect(args.ref)
+    meta = _secrets(args).inspect(args.ref)
     if args.json:
         _print_json(meta.as_json())
     else:
@@ -143,21 +154,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    svc = _service(args)
-    svc.inspect(args.ref)  # a missing ref fails before prompting
-    meta = svc.rotate(args.ref, _read_value(args, f"New value for {args.ref}: "))
+    service = _secrets(args)
+    service.inspect(args.ref)  # a missing ref fails before prompting
+    meta = service.rotate(args.ref, _read_value(args, f"New value for {args.ref}: "))
     print(f"rotated @{meta.ref} to version {meta.version} ({meta.fingerprint})")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    meta = _service(args).remove(args.ref)
+    meta = _secrets(args).remove(args.ref)
     print(f"removed @{meta.ref}")
     return 0
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from broker.service.envfile import env_uses, parse_env_file, parse_env_flag
+    from broker.service.launch import Launch
     from broker.service.template import render
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -167,13 +179,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError("--profile brings its own environment; use it without --env/--env-file")
     templates = parse_env_file(_read_text(args.env_file), args.env_file) if args.env_file else {}
     templates.update(parse_env_flag(item) for item in args.env)  # flags win over the file
-    svc = _service(args)
+    launch = Launch(_context(args))
     consumer = None
     if args.profile is not None:
-        profile = svc.authorized_profile(args.profile)
+        profile = launch.authorized_profile(args.profile)
         templates, consumer = profile.templates(), profile.consumer
     uses = env_uses(templates)
-    values = svc.resolve_for(uses, "secret.exec", consumer, env=uses)
+    values = launch.resolve_for(uses, "secret.exec", consumer, env=uses)
     env = without_broker_vars(os.environ)  # only the variables asked for reach the child
     env.update((name, render(template, values)) for name, template in templates.items())
     try:
@@ -186,6 +198,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
+    from broker.service.launch import Launch
     from broker.service.template import TemplateError, find_refs, render
 
     template = _read_text(args.input)
@@ -194,7 +207,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
     except TemplateError as exc:
         raise UsageError(f"{args.input}: {exc}") from None
     write = _inject_target(args)  # refused targets are refused before anything is resolved
-    write(render(template, _service(args).resolve_for(refs, "secret.injected")).encode())
+    write(render(template, Launch(_context(args)).resolve_for(refs, "secret.injected")).encode())
     return 0
 
 
@@ -240,7 +253,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _audit_verify(args)
     if args.reseal:
         raise UsageError("--reseal goes with `audit verify`")
-    events = _service(args).audit_events(ref=args.ref, event=args.event, since=args.since)
+    from broker.service.queries import Queries
+
+    events = Queries(_context(args)).audit_events(ref=args.ref, event=args.event, since=args.since)
     if args.json:
         _print_json({"events": events})
         return 0
@@ -252,8 +267,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    svc = _service(args)
-    verdict = svc.reseal_audit() if args.reseal else svc.verify_audit()
+    from broker.service.queries import Queries
+
+    queries = Queries(_context(args))
+    verdict = queries.reseal_audit() if args.reseal else queries.verify_audit()
     if args.json:
         _print_json({"ok": verdict.ok, "checked": verdict.checked,
                      "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
@@ -328,7 +345,9 @@ def cmd_grants_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    rows = _service(args).usage(since=args.since, by=args.by)
+    from broker.service.queries import Queries
+
+    rows = Queries(_context(args)).usage(since=args.since, by=args.by)
     if args.json:
         _print_json([r.as_json() for r in rows])
         return 0
@@ -424,7 +443,9 @@ def _open_browser(url: str) -> bool:
 
 
 def cmd_token_rotate(args: argparse.Namespace) -> int:
-    _service(args).rotate_token()
+    from broker.service.tokens import Tokens
+
+    Tokens(_context(args)).rotate_bootstrap()
     print("rotated the bootstrap token; the old one no longer works "
           "(a running broker picks the new one up at once)")
     return 0
@@ -436,8 +457,10 @@ def _token_rows(tokens: Sequence[Any]) -> list[list[object]]:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    meta, token = _service(args).create_token(args.consumer, args.ttl, args.description,
-                                              args.daily_tokens)
+    from broker.service.tokens import Tokens
+
+    meta, token = Tokens(_context(args)).create(args.consumer, args.ttl, args.description,
+                                                args.daily_tokens)
     if args.json:
         _print_json({**meta.as_json(), "token": token})
     else:
@@ -449,7 +472,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    tokens = _service(args).list_tokens()
+    from broker.service.tokens import Tokens
+
+    tokens = Tokens(_context(args)).all()
     if args.json:
         _print_json({"tokens": [t.as_json() for t in tokens]})
     else:
@@ -461,7 +486,9 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     if (args.id is None) == (args.consumer is None):
         raise UsageError("name a token id or --consumer NAME (one of them)")
-    revoked = _service(args).revoke_tokens(token_id=args.id, consumer=args.consumer)
+    from broker.service.tokens import Tokens
+
+    revoked = Tokens(_context(args)).revoke(token_id=args.id, consumer=args.consumer)
     print(f"revoked {len(revoked)} token(s): {', '.join(t.id for t in revoked) or '-'}")
     return 0
 
@@ -470,9 +497,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from broker.service.transfer import export_home, read_passphrase
 
     write = _inject_target(args)  # a terminal or an existing file is refused before any read
-    svc = _service(args)
+    ctx = _context(args)
     passphrase = read_passphrase(os.environ, confirm=True) if args.passphrase else None
-    data, manifest = export_home(svc, recipients=args.to or [], passphrase=passphrase,
+    data, manifest = export_home(ctx, recipients=args.to or [], passphrase=passphrase,
                                  with_grants=args.with_grants)
     write(data)
     carried = [k for k in ("grants", "profiles") if getattr(manifest, k) is not None]
@@ -485,12 +512,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from broker.service.transfer import import_home, open_export, read_export
 
-    svc = _service(args)
+    ctx = _context(args)
     blob, source = read_export(args.file)
     manifest = open_export(blob, source, env=os.environ,
                            identity=None if args.identity is None else Path(args.identity))
-    done = import_home(svc, manifest, replace=args.replace, with_grants=args.with_grants)
-    print(f"imported {len(done.secrets)} secret(s) into the {svc.backend} store"
+    done = import_home(ctx, manifest, replace=args.replace, with_grants=args.with_grants)
+    print(f"imported {len(done.secrets)} secret(s) into the {ctx.backend} store"
           + "".join(f"\n  @{m.ref} (version {m.version})" for m in done.secrets))
     for path in done.files:
         print(f"restored {path}")

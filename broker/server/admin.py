@@ -14,6 +14,9 @@ from aiohttp import web
 
 from broker.core.errors import UsageError
 from broker.server.app import STATE, VALUE_JSON_LIMIT, json_body
+from broker.service.queries import Queries
+from broker.service.secrets import Secrets
+from broker.service.tokens import Tokens
 from broker.store.audit import rfc3339
 from grants import AccessRequest
 from grants.render import explain_as_json, grants_as_rows
@@ -47,33 +50,34 @@ def _str(value: str | None) -> str:
 
 async def list_secrets(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"secrets": [m.as_json() for m in state.admin.list_secrets()]})
+    return web.json_response({"secrets": [m.as_json() for m in Secrets(state.admin).all()]})
 
 
 async def add_secret(request: web.Request) -> web.Response:
     state = request.app[STATE]
     f = _fields(await json_body(request, VALUE_JSON_LIMIT), ("ref", "provider", "kind", "value"))
-    meta = state.admin.add(_str(f["ref"]), _str(f["provider"]), _str(f["kind"]), _str(f["value"]))
+    meta = Secrets(state.admin).add(_str(f["ref"]), _str(f["provider"]), _str(f["kind"]),
+                                    _str(f["value"]))
     state.refresh(force=True)
     return web.json_response(meta.as_json(), status=201)
 
 
 async def inspect_secret(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response(state.admin.inspect(request.match_info["ref"]).as_json())
+    return web.json_response(Secrets(state.admin).inspect(request.match_info["ref"]).as_json())
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
     state = request.app[STATE]
     f = _fields(await json_body(request, VALUE_JSON_LIMIT), ("value",))
-    meta = state.admin.rotate(request.match_info["ref"], _str(f["value"]))
+    meta = Secrets(state.admin).rotate(request.match_info["ref"], _str(f["value"]))
     state.refresh(force=True)
     return web.json_response(meta.as_json())
 
 
 async def remove_secret(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    meta = state.admin.remove(request.match_info["ref"])
+    meta = Secrets(state.admin).remove(request.match_info["ref"])
     state.refresh(force=True)
     return web.json_response({"removed": meta.ref})
 
@@ -103,7 +107,7 @@ async def explain(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"tokens": [t.as_json() for t in state.admin.list_tokens()]})
+    return web.json_response({"tokens": [t.as_json() for t in Tokens(state.admin).all()]})
 
 
 async def create_token(request: web.Request) -> web.Response:
@@ -113,15 +117,15 @@ async def create_token(request: web.Request) -> web.Response:
     if daily is not None and (not isinstance(daily, int) or isinstance(daily, bool)):
         raise UsageError("daily_tokens must be a whole number")
     f = _fields(body, ("consumer",), ("ttl", "description"))
-    meta, token = state.admin.create_token(_str(f["consumer"]), f["ttl"], f["description"],
-                                           daily)
+    meta, token = Tokens(state.admin).create(_str(f["consumer"]), f["ttl"], f["description"],
+                                             daily)
     state.refresh(force=True)
     return web.json_response({**meta.as_json(), "token": token}, status=201)
 
 
 async def revoke_token(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    revoked = state.admin.revoke_tokens(token_id=request.match_info["token_id"])
+    revoked = Tokens(state.admin).revoke(token_id=request.match_info["token_id"])
     state.refresh(force=True)
     return web.json_response({"revoked": [t.id for t in revoked]})
 
@@ -142,7 +146,7 @@ async def audit_events(request: web.Request) -> web.Response:
     if not (limit_text.isdigit() and 0 < int(limit_text) <= AUDIT_PAGE_MAX):
         raise UsageError(f"limit must be a whole number from 1 to {AUDIT_PAGE_MAX}")
     events = await asyncio.to_thread(
-        state.admin.audit_events, ref=q.get("ref") or None, event=q.get("event") or None,
+        Queries(state.admin).audit_events, ref=q.get("ref") or None, event=q.get("event") or None,
         since=q.get("since") or None, limit=int(limit_text))
     return web.json_response({"events": events})
 
@@ -152,7 +156,7 @@ async def audit_verify(request: web.Request) -> web.Response:
     # In a thread: verifying reads the whole log. Flush first: verify what has been
     # acknowledged, checkpoint included.
     await asyncio.to_thread(state.service.audit_log.flush)
-    verdict = await asyncio.to_thread(state.admin.verify_audit)
+    verdict = await asyncio.to_thread(Queries(state.admin).verify_audit)
     return web.json_response({"ok": verdict.ok, "checked": verdict.checked,
                               "first_bad_line": verdict.first_bad_line,
                               "reason": verdict.reason})
@@ -163,9 +167,9 @@ async def usage(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.flush_usage(state.service.metadata)  # include what the last second added
     principal = request["principal"]
-    rows = state.admin.usage(since=request.query.get("since") or None,
-                             by=request.query.get("group_by") or None,
-                             consumer=principal.consumer)
+    rows = Queries(state.admin).usage(since=request.query.get("since") or None,
+                                      by=request.query.get("group_by") or None,
+                                      consumer=principal.consumer)
     return web.json_response({"usage": [r.as_json() for r in rows]})
 
 

@@ -57,7 +57,9 @@ from broker.server.auth import (
     RefusalTally,
     presented_token,
 )
-from broker.service.secrets import CONSUMER_RE, MAX_VALUE_BYTES, Service
+from broker.service.context import Context
+from broker.service.secrets import MAX_VALUE_BYTES, Secrets
+from broker.service.tokens import CONSUMER_RE
 from broker.store.audit import parse_rfc3339, rfc3339
 from broker.store.backend import parse_ref
 from broker.store.metadata import Metadata
@@ -73,7 +75,7 @@ STATE: web.AppKey[BrokerState] = web.AppKey("state", object)  # type: ignore[arg
 class BrokerState:
     """Everything the handlers share; built once at start."""
 
-    def __init__(self, service: Service, config: Config) -> None:
+    def __init__(self, service: Context, config: Config) -> None:
         self.service = service
         self.config = config
         self.providers: dict[str, Provider] = build_providers(config.providers)
@@ -209,7 +211,7 @@ class BrokerState:
         if cached is not None and cached[0] == version:
             return cached[1]
         try:
-            value = self.service.value(ref)  # refuses a value its metadata does not record
+            value = Secrets(self.service).value(ref)  # refuses a value its metadata does not record
         except (SecretNotFound, UnlockFailed, InsecureFile) as exc:
             raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
         self._values[ref] = (version, value)
@@ -252,7 +254,7 @@ class BrokerState:
     def flush_last_used(self) -> None:
         used, self._used = self._used, set()
         for ref in used:
-            self.service.touch(ref)
+            Secrets(self.service).touch(ref)
         tokens, self.tokens_used = self.tokens_used, set()
         for token_id in tokens:
             self.service.metadata.touch_token(token_id, rfc3339())
@@ -696,7 +698,7 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
     for path in (home.root, home.token, home.audit, home.vault, home.vault_key):
         check_private(path)
     config = load_config(home)
-    service = Service(home, environ, actor="broker", audit_fsync=config.audit_fsync)
+    service = Context.open(home, environ, actor="broker", audit_fsync=config.audit_fsync)
     host, port = parse_listen(listen or config.listen, allow_remote)
     pid_fd = _take_pid_lock(home)
     bound: os.stat_result | None = None

@@ -31,7 +31,7 @@ from broker.core.errors import Unauthorized, UsageError
 # either module may be imported first.
 from broker.server import app as daemon
 from broker.server.auth import presented_token
-from broker.service.secrets import new_token, token_hash
+from broker.service.tokens import new_token, token_hash
 from broker.store.audit import rfc3339
 
 PREFIX = "/ui/"

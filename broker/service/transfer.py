@@ -18,18 +18,19 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from broker.config import Home, check_private, secret_file_from, write_private
 from broker.core.errors import BrokerError, UnlockFailed, UsageError
+from broker.service.context import Context
+from broker.service.secrets import ExportedSecret, Secrets
 from broker.store import audit
 from broker.store.backend import parse_ref
 
 if TYPE_CHECKING:
-    from broker.service.secrets import Service
     from broker.store.metadata import SecretMeta
 
 FORMAT = "secret-broker-export"
@@ -40,17 +41,6 @@ AGE_MAGIC = b"age-encryption.org/v1\n"
 MAX_EXPORT_BYTES = 64 << 20
 _TOP_KEYS = ("format", "version", "created_at", "secrets", "grants", "profiles")
 _SECRET_KEYS = ("ref", "provider", "kind", "version", "created_at", "rotated_at", "value")
-
-
-@dataclass(frozen=True)
-class ExportedSecret:
-    ref: str
-    provider: str
-    kind: str
-    version: int
-    created_at: str
-    rotated_at: str | None
-    value: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -234,13 +224,13 @@ def _carried_files(home: Home) -> dict[str, Path]:
     return {"grants": home.grants, "profiles": home.profiles}
 
 
-def export_home(svc: Service, *, recipients: Sequence[str], passphrase: str | None,
+def export_home(ctx: Context, *, recipients: Sequence[str], passphrase: str | None,
                 with_grants: bool) -> tuple[bytes, Manifest]:
     """The encrypted export of every secret (each audited `secret.exported`)."""
     parsed = parse_recipients(recipients)  # refuse a bad recipient before reading values
-    carried = {k: p.read_text(encoding="utf-8") for k, p in _carried_files(svc.home).items()
+    carried = {k: p.read_text(encoding="utf-8") for k, p in _carried_files(ctx.home).items()
                if with_grants and p.exists()}
-    manifest = Manifest(audit.rfc3339(), tuple(svc.export_secrets()), carried.get("grants"),
+    manifest = Manifest(audit.rfc3339(), tuple(Secrets(ctx).export_all()), carried.get("grants"),
                         carried.get("profiles"))
     return encrypt(dump_manifest(manifest), recipients=parsed, passphrase=passphrase), manifest
 
@@ -306,12 +296,12 @@ def _clashes(path: Path, kind: str, incoming: str) -> bool:
         return True
 
 
-def import_home(svc: Service, manifest: Manifest, *, replace: bool,
+def import_home(ctx: Context, manifest: Manifest, *, replace: bool,
                 with_grants: bool) -> Imported:
     """Store every secret in this home's backend; with `with_grants`, restore the grants and
     profiles files too. Refs and files that exist are refused (all named, nothing imported)
     unless `replace`."""
-    targets = _carried_files(svc.home)
+    targets = _carried_files(ctx.home)
     carried = {k: text for k in targets if (text := getattr(manifest, k)) is not None}
     files = carried if with_grants else {}
     counts = {k: _entries(text, k, f"the export's {targets[k].name}") for k, text in files.items()}
@@ -320,9 +310,9 @@ def import_home(svc: Service, manifest: Manifest, *, replace: bool,
     if taken:
         raise BrokerError(f"{', '.join(taken)} already hold(s) other entries; nothing was "
                           "imported (pass --replace to overwrite, or leave out --with-grants)")
-    imported = svc.import_secrets(manifest.secrets, replace=replace)
+    imported = Secrets(ctx).import_all(manifest.secrets, replace=replace)
     for kind, text in files.items():
-        svc.record(f"{kind}.imported", count=counts[kind])
+        ctx.record(f"{kind}.imported", count=counts[kind])
         write_private(targets[kind], text.encode())
     return Imported(imported, [targets[k] for k in files],
                     [targets[k].name for k in carried if k not in files])

@@ -19,7 +19,8 @@ from broker.client import BrokerClient
 from broker.config import Home
 from broker.core.errors import Unauthorized
 from broker.server.ui import HEADERS
-from broker.service.secrets import Service
+from broker.service.context import Context
+from broker.service.secrets import Secrets
 from tests.browser.conftest import Site, Watched
 from tests.browser.harness import explain, owner
 from tests.conftest import CANARY, CANARY_2, Cli, wait_for
@@ -132,11 +133,11 @@ def test_add_rotate_and_remove_through_the_forms(site: Site, watched: Watched) -
     expect(value).to_have_value("")
     expect(row.locator("td").nth(5)).to_have_text("2")
     expect(row.locator("td").nth(4)).not_to_have_text(fingerprint or "")
-    service = Service(Home(site.cli.home), site.cli.env)
+    ctx = Context.open(Home(site.cli.home), site.cli.env)
     try:
-        assert service.value("typed_key") == second
+        assert Secrets(ctx).value("typed_key") == second
     finally:
-        service.metadata.close()
+        ctx.metadata.close()
 
     row.get_by_role("button", name="Remove @typed_key").click()
     dialog = page.get_by_role("dialog")

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from broker.config import Home
-from broker.service.secrets import Service
+from broker.service.context import Context
+from broker.service.secrets import Secrets
 from tests.conftest import CANARY, Cli, Daemon, base_env, start_daemon, write_grants
 from tests.support.standins import StandIn
 
@@ -203,13 +204,13 @@ def provider_grants(standins: dict[str, StandIn], consumer: str = "default",
 def add_secrets(cli: Cli, values: dict[str, tuple[str, str]]) -> None:
     """Store ref -> (provider, value) through the service layer, in this process: what
     `secret-broker add` does, without an interpreter start per secret."""
-    svc = Service(Home(cli.home), cli.env)
+    ctx = Context.open(Home(cli.home), cli.env)
     try:
         for ref, (provider, value) in values.items():
-            svc.add(ref, provider, "api_key", value)
+            Secrets(ctx).add(ref, provider, "api_key", value)
     finally:
-        svc.audit_log.close()
-        svc.metadata.close()
+        ctx.audit_log.close()
+        ctx.metadata.close()
 
 
 def launch(cli: Cli, standins: dict[str, StandIn], *, base_urls: dict[str, str] | None = None,

@@ -19,7 +19,7 @@ import pytest
 from broker.client import BrokerClient
 from broker.config import Home
 from broker.core.errors import Denied, UsageError
-from broker.service.secrets import Service
+from broker.service.context import Context
 from tests.conftest import CANARY, Cli, Daemon, grant, wait_for, write_grants
 
 PER_KIND = 1500  # refused requests of each kind: far past the throttle's old overflow (~1,000)
@@ -110,11 +110,11 @@ def test_the_admin_audit_route_returns_the_newest_events_of_a_large_log(
         cli: Cli, daemon_factory: Any) -> None:
     """On a large log, `limit` gives the newest matching events, newest last; without one, a
     bounded page; an unbounded limit is refused."""
-    service = Service(Home(cli.home), cli.env, audit_fsync="batch")
+    ctx = Context.open(Home(cli.home), cli.env, audit_fsync="batch")
     n = 30_000
     for i in range(n):
-        service.record("lease.issued" if i % 3 else "secret.accessed", count=i)
-    service.audit_log.close()
+        ctx.record("lease.issued" if i % 3 else "secret.accessed", count=i)
+    ctx.audit_log.close()
     d = daemon_factory()
     owner = d.client()
     newest = owner.request("GET", "/v1/admin/audit?event=secret.accessed&limit=3")["events"]

@@ -23,6 +23,8 @@ import pytest
 
 from broker.config import ConfigError, parse_config
 from broker.gateway import usage
+from broker.server.app import JSON_LIMIT, VALUE_JSON_LIMIT
+from broker.server.ui import LOGIN_LIMIT
 from broker.service import secrets as service
 from broker.store.metadata import Metadata
 from tests.conftest import CANARY, Cli, wait_for
@@ -167,15 +169,21 @@ def session_token(b: Broker) -> str:
     return str(redeem(b, code).json()["token"])
 
 
-JSON_ROUTES = [("POST", "/ui/api/session", None), ("POST", "/v1/leases", "owner"),
-               ("POST", "/v1/explain", "owner"), ("POST", "/v1/mcp/tool-called", "owner"),
-               ("POST", "/v1/admin/secrets", "owner"), ("PUT", "/v1/admin/secrets/x", "owner"),
-               ("POST", "/v1/admin/tokens", "owner"), ("POST", "/ui/api/secrets", "session")]
+# Each JSON route with the body limit it must keep: a login, a plain request, or a body that
+# carries a secret's value (room for the largest value, fully escaped).
+JSON_ROUTES = [("POST", "/ui/api/session", None, LOGIN_LIMIT),
+               ("POST", "/v1/leases", "owner", JSON_LIMIT),
+               ("POST", "/v1/explain", "owner", JSON_LIMIT),
+               ("POST", "/v1/mcp/tool-called", "owner", JSON_LIMIT),
+               ("POST", "/v1/admin/secrets", "owner", VALUE_JSON_LIMIT),
+               ("PUT", "/v1/admin/secrets/x", "owner", VALUE_JSON_LIMIT),
+               ("POST", "/v1/admin/tokens", "owner", JSON_LIMIT),
+               ("POST", "/ui/api/secrets", "session", VALUE_JSON_LIMIT)]
 
 
-@pytest.mark.parametrize(("method", "path", "who"), JSON_ROUTES)
+@pytest.mark.parametrize(("method", "path", "who", "limit"), JSON_ROUTES)
 def test_oversized_json_is_413_before_it_is_read(gw: Broker, method: str, path: str,
-                                                 who: str | None) -> None:
+                                                 who: str | None, limit: int) -> None:
     """A declared multi-MB body is refused before a byte of it is read; a chunked one as
     soon as it passes the route's limit; a body just past the limit too."""
     auth = {"owner": gw.token, "session": session_token(gw) if who == "session" else ""}
@@ -190,7 +198,6 @@ def test_oversized_json_is_413_before_it_is_read(gw: Broker, method: str, path: 
                        + b"Transfer-Encoding: chunked\r\n\r\n",
                        b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(64)))
     assert (chunked.status, chunked.code) == (413, "body_too_large"), chunked.body
-    limit = 1024 if path == "/ui/api/session" else 64 * 1024
     just_over = json.dumps({"code": "a" * limit}).encode()
     over = gw.http(method, path, body=just_over, headers=headers, token=None)
     assert (over.status, over.code) == (413, "body_too_large"), over.body

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.config import Home
 from broker.core import errors, netowner
+from broker.core.home import Home
 
 URL_FORMS = ("http://127.0.0.1:PORT (any loopback host: 127.0.0.0/8, [::1] or localhost) "
              "or unix:///path/to/broker.sock")

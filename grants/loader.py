@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from grants.model import DELIVERIES, Grant, GrantsError, Problem
+from grants.model import DELIVERIES, REF_PATTERN, Grant, GrantsError, Problem
 
 REQUIRED_KEYS = ("secret_ref", "consumer", "purposes", "delivery", "allowed_hosts", "ttl_secs")
 MAX_TTL_SECS = 86400
@@ -25,7 +25,7 @@ MAX_TTL_SECS = 86400
 # from being read whole into the daemon.
 MAX_FILE_BYTES = 1 << 20
 
-_REF = re.compile(r"@?[A-Za-z0-9_.-]{1,128}")
+_REF = re.compile(rf"@?{REF_PATTERN}")
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 _DIGITS = re.compile(r"[0-9]+")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")  # no leading zeros: "host:080" would never match

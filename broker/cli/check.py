@@ -19,7 +19,7 @@ from pathlib import Path
 
 from broker import __version__
 from broker.client import BrokerClient
-from broker.config import SECRET_FILE_VARS, Config, Home, load_config, secret_file_from
+from broker.config import Config, load_config
 from broker.core.errors import (
     BrokerError,
     BrokerNotRunning,
@@ -27,6 +27,7 @@ from broker.core.errors import (
     InsecureFile,
     SecretNotFound,
 )
+from broker.core.home import SECRET_FILE_VARS, Home, secret_file_from
 from broker.gateway.providers import Provider, build_providers
 from broker.service.secrets import Service
 from broker.store import envelope

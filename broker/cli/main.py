@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from broker.config import Home, load_config, open_private, private_dir, without_broker_vars
+from broker.config import load_config
 from broker.core.errors import BrokerError, UsageError
+from broker.core.home import Home, open_private, private_dir, without_broker_vars
 from broker.core.text import printable
 
 EXIT_CODES = """\
@@ -109,7 +110,7 @@ _META_HEADER = ("REF", "PROVIDER", "KIND", "BACKEND", "FINGERPRINT", "VERSION", 
 
 def cmd_add(args: argparse.Namespace) -> int:
     svc = _service(args)
-    from broker.store.backend import parse_ref
+    from broker.core.refs import parse_ref
 
     parse_ref(args.ref)
     svc.metadata.require_absent(parse_ref(args.ref))  # refuse before prompting for a value
@@ -200,7 +201,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 def _inject_target(args: argparse.Namespace) -> Callable[[bytes], None]:
     """Where inject writes: -o FILE (0600, atomic), --out-fd N, or stdout; never a terminal."""
-    from broker.config import write_private
+    from broker.core.home import write_private
 
     if args.output is not None:
         path = Path(args.output)

@@ -26,8 +26,9 @@ from typing import Any, NoReturn
 
 from broker import __version__
 from broker.client import BrokerClient
-from broker.config import Home, load_config, secret_file_from
+from broker.config import load_config
 from broker.core.errors import BrokerError
+from broker.core.home import Home, secret_file_from
 
 TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
 MAX_ANSWER_BYTES = 256 * 1024  # what a model's context can take; the rest is cut with a note

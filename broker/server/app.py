@@ -27,7 +27,7 @@ import structlog
 from aiohttp import web
 
 from broker import __version__
-from broker.config import Config, Home, check_private, load_config, open_private, private_dir
+from broker.config import Config, load_config
 from broker.core import logs, netowner
 from broker.core.errors import (
     AuditUnavailable,
@@ -44,6 +44,8 @@ from broker.core.errors import (
     UnlockFailed,
     UsageError,
 )
+from broker.core.home import Home, check_private, open_private, private_dir
+from broker.core.refs import CONSUMER_RE, parse_ref
 from broker.gateway import routes
 from broker.gateway.providers import Provider, build_providers, error_body
 from broker.gateway.usage import Budgets, Reservation, UsageBook, utc_day
@@ -57,9 +59,8 @@ from broker.server.auth import (
     RefusalTally,
     presented_token,
 )
-from broker.service.secrets import CONSUMER_RE, Service
+from broker.service.secrets import Service
 from broker.store.audit import parse_rfc3339, rfc3339
-from broker.store.backend import parse_ref
 from broker.store.metadata import Metadata
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows

@@ -29,6 +29,7 @@ from broker.core.errors import (
     UpstreamUnreachable,
     UsageError,
 )
+from broker.core.refs import parse_ref
 from broker.gateway import routes
 from broker.gateway.providers import Provider
 from broker.gateway.usage import (
@@ -41,7 +42,6 @@ from broker.gateway.usage import (
     utc_day,
 )
 from broker.server.app import STATE, BrokerState, consumer_of, read_body
-from broker.store.backend import parse_ref
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.server.gateway")

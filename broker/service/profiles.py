@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.errors import ConfigError, Denied, NotFound, UsageError
+from broker.core.refs import REF_RE, parse_ref
 from broker.service.envfile import ENV_NAME_RE, LOADER_REASON, is_loader_var
 from broker.service.template import ref_template
-from broker.store.backend import REF_RE, parse_ref
 from grants import AccessRequest, Deny, Grant, decide
 
 PROFILE_KEYS = ("consumer", "env")

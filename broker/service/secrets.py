@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import sqlite3
 import time
@@ -23,15 +22,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.config import (
-    Config,
-    Home,
-    check_private,
-    load_config,
-    parse_duration,
-    render_config,
-    write_private,
-)
+from broker.config import Config, load_config, render_config
+from broker.core.clock import parse_duration
 from broker.core.errors import (
     BrokerError,
     NotFound,
@@ -40,9 +32,11 @@ from broker.core.errors import (
     UnlockFailed,
     UsageError,
 )
+from broker.core.home import Home, check_private, write_private
+from broker.core.refs import CONSUMER_RE, PROVIDER_RE, parse_ref
 from broker.gateway.usage import DIMENSIONS, UsageRow, group, utc_day
 from broker.store import audit
-from broker.store.backend import KINDS, SecretStore, choose_backend, open_store, parse_ref
+from broker.store.backend import KINDS, SecretStore, choose_backend, open_store
 from broker.store.metadata import Metadata, SecretMeta, TokenMeta, case_twin_message
 
 if TYPE_CHECKING:
@@ -52,12 +46,10 @@ if TYPE_CHECKING:
 INSTANCE_KEY = "!instance-key"
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
 CONSUMER_TOKEN_PREFIX = "sbc_"  # noqa: S105 - a prefix, not a token
-CONSUMER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 # No API key, token or certificate comes near it; it keeps a mistaken file (a disk image
 # piped to `add`) out of the store, the daemon's memory and every export.
 MAX_VALUE_BYTES = 64 * 1024
 MAX_VERSION = 2**53 - 1  # exact in every JSON reader; rotate never gets near it
-PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 EXAMPLE_GRANTS = """\
 # secrets.grants.toml: who may use which secret, for what, where. Deny by default:

@@ -23,10 +23,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from broker.config import Home, check_private, secret_file_from, write_private
 from broker.core.errors import BrokerError, UnlockFailed, UsageError
+from broker.core.home import Home, check_private, secret_file_from, write_private
+from broker.core.refs import parse_ref
 from broker.store import audit
-from broker.store.backend import parse_ref
 
 if TYPE_CHECKING:
     from broker.service.secrets import Service

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.config import parse_duration
+from broker.core.clock import parse_duration
 from broker.core.errors import AuditUnavailable, UsageError
 
 GENESIS = "0" * 64

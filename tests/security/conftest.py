@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from broker.config import Home
+from broker.core.home import Home
 from broker.service.secrets import Service
 from tests.conftest import CANARY, Cli, Daemon, base_env, start_daemon, write_grants
 from tests.support.standins import StandIn

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.config import Config, load_config, render_config
 from broker.core.clock import parse_duration
+from broker.core.digest import token_hash
 from broker.core.errors import (
     BrokerError,
     NotFound,
@@ -534,10 +535,6 @@ class Service:
         view = copy.copy(self)
         view.actor = actor
         return view
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _check_secret(provider: str, kind: str, value: str) -> None:

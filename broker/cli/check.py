@@ -20,6 +20,7 @@ from pathlib import Path
 from broker import __version__
 from broker.client import BrokerClient
 from broker.config import Config, load_config
+from broker.core.clock import parse_rfc3339
 from broker.core.errors import (
     BrokerError,
     BrokerNotRunning,
@@ -31,7 +32,6 @@ from broker.core.home import SECRET_FILE_VARS, Home, secret_file_from
 from broker.gateway.providers import Provider, build_providers
 from broker.service.secrets import Service
 from broker.store import envelope
-from broker.store.audit import parse_rfc3339
 from broker.store.metadata import SecretMeta
 from broker.store.vault import HEADER, FileVault
 from grants import Grant, GrantsError, load_grants

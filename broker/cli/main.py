@@ -256,8 +256,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     svc = _service(args)
     verdict = svc.reseal_audit() if args.reseal else svc.verify_audit()
     if args.json:
-        _print_json({"ok": verdict.ok, "checked": verdict.checked,
-                     "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
+        _print_json(verdict.as_json())
     elif verdict.ok:
         print(f"audit log OK: {verdict.checked} events, chain and seals intact")
     else:
@@ -394,7 +393,7 @@ def _login_page(home: Home, url: str, expires_at: str) -> str:
     link goes in a new 0600 file in the private run/ directory instead. Its mtime is set
     to the code's expiry, and pages past it are deleted here, the next time.
     """
-    from broker.store.audit import parse_rfc3339
+    from broker.core.clock import parse_rfc3339
 
     private_dir(home.run)
     now = time.time()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -40,10 +39,6 @@ _USAGE_KEY = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*')
               for name in ("usageMetadata", "usage")}
 _USAGE_SPAN = 64 << 10  # bytes after the key a usage object may take
 
-
-def utc_day(t: float | None = None) -> str:
-    """The day a usage row or budget belongs to: YYYY-MM-DD in UTC (budgets reset at 00:00)."""
-    return time.strftime("%Y-%m-%d", time.gmtime(t))
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.core.clock import rfc3339
 from broker.core.errors import UsageError
 from broker.server.app import STATE, json_body
-from broker.store.audit import rfc3339
 from grants import AccessRequest
 from grants.render import explain_as_json, grants_as_rows
 
@@ -153,9 +153,7 @@ async def audit_verify(request: web.Request) -> web.Response:
     # acknowledged, checkpoint included.
     await asyncio.to_thread(state.service.audit_log.flush)
     verdict = await asyncio.to_thread(state.admin.verify_audit)
-    return web.json_response({"ok": verdict.ok, "checked": verdict.checked,
-                              "first_bad_line": verdict.first_bad_line,
-                              "reason": verdict.reason})
+    return web.json_response(verdict.as_json())
 
 
 async def usage(request: web.Request) -> web.Response:

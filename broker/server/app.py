@@ -28,6 +28,7 @@ from aiohttp import web
 from broker import __version__
 from broker.config import Config, load_config
 from broker.core import logs, netowner
+from broker.core.clock import parse_rfc3339, rfc3339, utc_day
 from broker.core.errors import (
     AuditUnavailable,
     BodyTooLarge,
@@ -48,7 +49,7 @@ from broker.core.loopback import is_loopback_host
 from broker.core.refs import CONSUMER_RE, parse_ref
 from broker.gateway import routes
 from broker.gateway.providers import Provider, build_providers, error_body
-from broker.gateway.usage import Budgets, Reservation, UsageBook, utc_day
+from broker.gateway.usage import Budgets, Reservation, UsageBook
 from broker.server import hardening, ui
 from broker.server.access import Access
 from broker.server.auth import (
@@ -60,7 +61,6 @@ from broker.server.auth import (
     presented_token,
 )
 from broker.service.secrets import Service
-from broker.store.audit import parse_rfc3339, rfc3339
 from broker.store.metadata import Metadata
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows

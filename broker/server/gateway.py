@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker.cli.mcp import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
+from broker.core.clock import utc_day
 from broker.core.errors import (
     BrokerError,
     SecretNotFound,
@@ -39,7 +40,6 @@ from broker.gateway.usage import (
     estimate_tokens,
     request_doc,
     request_model,
-    utc_day,
 )
 from broker.server.app import STATE, BrokerState, consumer_of, read_body
 from grants import AccessRequest

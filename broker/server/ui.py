@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from broker.core import netowner
+from broker.core.clock import rfc3339
 from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized, UsageError
 from broker.core.loopback import LOOPBACK_NAMES
@@ -34,7 +35,6 @@ from broker.core.loopback import LOOPBACK_NAMES
 from broker.server import app as daemon
 from broker.server.auth import presented_token
 from broker.service.secrets import new_token
-from broker.store.audit import rfc3339
 
 PREFIX = "/ui/"
 API = "/ui/api/"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker.config import Config, load_config, render_config
-from broker.core.clock import parse_duration
+from broker.core.clock import parse_duration, utc_day
 from broker.core.digest import token_hash
 from broker.core.errors import (
     BrokerError,
@@ -35,7 +35,7 @@ from broker.core.errors import (
 )
 from broker.core.home import Home, check_private, write_private
 from broker.core.refs import CONSUMER_RE, PROVIDER_RE, parse_ref
-from broker.gateway.usage import DIMENSIONS, UsageRow, group, utc_day
+from broker.gateway.usage import DIMENSIONS, UsageRow, group
 from broker.store import audit
 from broker.store.backend import KINDS, SecretStore, choose_backend, open_store
 from broker.store.metadata import Metadata, SecretMeta, TokenMeta, case_twin_message

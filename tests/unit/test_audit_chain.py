@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.core.clock import rfc3339
 from broker.core.errors import UsageError
 from broker.store import audit
 
@@ -25,7 +26,7 @@ def chain(events: list[tuple[str, dict[str, Any]]], key: bytes = KEY) -> list[by
     lines: list[bytes] = []
     prev = audit.GENESIS
     for seq, (event, fields) in enumerate(events, start=1):
-        line = audit.seal(key, seq=seq, prev=prev, ts=audit.rfc3339(1_700_000_000 + seq),
+        line = audit.seal(key, seq=seq, prev=prev, ts=rfc3339(1_700_000_000 + seq),
                           event=event, actor="cli", fields=fields)
         lines.append(line)
         prev = audit.line_hash(line)

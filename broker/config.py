@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.core.errors import ConfigError
 from broker.core.home import Home
+from grants import tomlfile
 
 DEFAULT_LISTEN = "127.0.0.1:18443"
 
@@ -48,8 +48,8 @@ _CHOICES = {"backend": ("keychain", "file-vault"), "audit_fsync": ("always", "ba
 def parse_config(text: str, source: str = "config.toml") -> Config:
     """Strict: an unknown key or a wrong type is an error naming it, never ignored."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        doc = tomlfile.parse(text)
+    except tomlfile.TomlFileError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     values: dict[str, Any] = {}
     providers: dict[str, Any] = {}
@@ -91,9 +91,11 @@ def _parse_providers(body: Any, source: str) -> dict[str, Any]:
 def load_config(home: Home) -> Config:
     home.require()
     try:
-        text = home.config.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {home.config}: {exc.strerror}") from None
+        text = tomlfile.read_text(home.config)
+    except tomlfile.TomlFileError as exc:
+        raise ConfigError(f"{home.config}: {exc}") from None
+    if text is None:  # removed since require() looked
+        raise ConfigError(f"{home.config}: no such file; run `secret-broker init`")
     return parse_config(text, str(home.config))
 
 

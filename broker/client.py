@@ -18,7 +18,6 @@ other than 2xx is an error: a redirect is never followed.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import os
 import socket
@@ -27,8 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.config import Home
 from broker.core import errors, netowner
+from broker.core.home import Home
+from broker.core.loopback import is_loopback_host
 
 URL_FORMS = ("http://127.0.0.1:PORT (any loopback host: 127.0.0.0/8, [::1] or localhost) "
              "or unix:///path/to/broker.sock")
@@ -101,9 +101,10 @@ def parse_url(url: str) -> tuple[str, int] | Path:
     host = parts.hostname or ""
     try:
         port = parts.port
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback, port = False, None
+    else:
+        loopback = is_loopback_host(host)
     if not loopback:
         raise refuse("the host must be a loopback address; a token is never sent off this "
                      "machine, where it could be read on the way")

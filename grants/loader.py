@@ -11,21 +11,18 @@ import datetime
 import difflib
 import ipaddress
 import re
-import tomllib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from grants.model import DELIVERIES, Grant, GrantsError, Problem
+from grants import tomlfile
+from grants.model import DELIVERIES, REF_PATTERN, Grant, GrantsError, Problem
 
 REQUIRED_KEYS = ("secret_ref", "consumer", "purposes", "delivery", "allowed_hosts", "ttl_secs")
 MAX_TTL_SECS = 86400
-# The file is small and owner-written; the cap keeps a mistaken path (a log, a disk image)
-# from being read whole into the daemon.
-MAX_FILE_BYTES = 1 << 20
 
-_REF = re.compile(r"@?[A-Za-z0-9_.-]{1,128}")
+_REF = re.compile(rf"@?{REF_PATTERN}")
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 _DIGITS = re.compile(r"[0-9]+")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")  # no leading zeros: "host:080" would never match
@@ -33,7 +30,6 @@ _PORT = re.compile(r"[1-9][0-9]{0,4}")  # no leading zeros: "host:080" would nev
 _NAME = r"""(?:(?P<bare>[A-Za-z0-9_-]+)|"(?P<basic>(?:[^"\\\n]|\\.)*)"|'(?P<literal>[^'\n]*)')"""
 _HEADER = re.compile(rf"\s*(?P<open>\[\[?)\s*{_NAME}\s*(?P<close>\]\]?\s*$|\.)")
 _ASSIGN = re.compile(rf"\s*{_NAME}\s*[=.]")
-_TOML_POSITION = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)", re.S)
 # Multi-line strings can hold anything, including "[[grants]]" lines; comments can too.
 _STRING_OR_COMMENT = re.compile(
     r'"""(?:\\.|[^\\])*?"""|\'\'\'.*?\'\'\'|"(?:\\.|[^"\\\n])*"|\'[^\'\n]*\'|#[^\n]*', re.S
@@ -62,14 +58,9 @@ class _Invalid(Exception):
 def parse_grants(text: str, source: str = "secrets.grants.toml") -> tuple[Grant, ...]:
     """Parse and validate grants; raise GrantsError listing every problem."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise GrantsError(source, [_syntax_problem(str(e), text)]) from None
-    except ValueError as e:  # an integer literal longer than Python will convert
-        raise GrantsError(source, [Problem(None, None, None, f"invalid TOML: {e}")]) from None
-    except RecursionError:
-        problem = Problem(None, None, None, "invalid TOML: nested too deeply")
-        raise GrantsError(source, [problem]) from None
+        doc = tomlfile.parse(text)
+    except tomlfile.TomlFileError as e:
+        raise GrantsError(source, [Problem(e.line, None, None, e.reason)]) from None
 
     layout = _layout(text)
     problems: list[Problem] = []
@@ -101,22 +92,10 @@ def parse_grants(text: str, source: str = "secrets.grants.toml") -> tuple[Grant,
 def load_grants(path: Path) -> tuple[Grant, ...]:
     """Load the grants file; a missing file is no grants, so everything is denied."""
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return ()
-    except OSError as e:
-        problem = Problem(None, None, None, f"cannot read the file: {e.strerror or e}")
-        raise GrantsError(str(path), [problem]) from None
-    if len(data) > MAX_FILE_BYTES:
-        problem = Problem(None, None, None, f"larger than {MAX_FILE_BYTES} bytes")
-        raise GrantsError(str(path), [problem])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise GrantsError(str(path), [Problem(line, None, None, "not UTF-8 text")]) from None
-    return parse_grants(text, str(path))
+        text = tomlfile.read_text(path)
+    except tomlfile.TomlFileError as e:
+        raise GrantsError(str(path), [Problem(e.line, None, None, e.reason)]) from None
+    return () if text is None else parse_grants(text, str(path))
 
 
 def _grant(
@@ -263,16 +242,6 @@ def _toml_type(value: object) -> str:
 def _did_you_mean(word: str, choices: Collection[str]) -> str:
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _syntax_problem(error: str, text: str) -> Problem:
-    """tomllib's message ends "(at line N, column M)"; lift the line into the Problem."""
-    match = _TOML_POSITION.fullmatch(error)
-    if match is None:
-        return Problem(None, None, None, f"invalid TOML: {error}")
-    if match[2] is None:
-        return Problem(text.count("\n") + 1, None, None, f"invalid TOML: {match[1]} at end of file")
-    return Problem(int(match[2]), None, None, f"invalid TOML: {match[1]} at column {match[3]}")
 
 
 def _code_lines(text: str) -> list[str]:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 DELIVERIES: frozenset[str] = frozenset({"native", "http_header_inject", "env"})
+# The characters of a secret ref and a consumer name, for the whole project. It lives here
+# because grants is the lowest layer; broker.core.refs builds its patterns from it.
+REF_PATTERN = r"[A-Za-z0-9_.-]{1,128}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.client import BrokerClient  # noqa: E402 - after the path set-up
-from broker.config import Home  # noqa: E402
 from broker.core.errors import BrokerNotRunning  # noqa: E402
+from broker.core.home import Home  # noqa: E402
 from broker.service.context import Context  # noqa: E402
 from broker.service.secrets import Secrets  # noqa: E402
 from tests.support.standins import StandIn  # noqa: E402

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from broker import __version__
 from broker.client import BrokerClient
-from broker.config import SECRET_FILE_VARS, Config, Home, load_config, secret_file_from
+from broker.config import Config, load_config
+from broker.core.clock import parse_rfc3339
 from broker.core.errors import (
     BrokerError,
     BrokerNotRunning,
@@ -27,13 +28,13 @@ from broker.core.errors import (
     InsecureFile,
     SecretNotFound,
 )
+from broker.core.home import SECRET_FILE_VARS, Home, secret_file_from
 from broker.gateway.providers import Provider, build_providers
 from broker.service.context import Context
 from broker.service.queries import Queries
 from broker.service.secrets import Secrets
 from broker.service.tokens import Tokens
 from broker.store import envelope
-from broker.store.audit import parse_rfc3339
 from broker.store.metadata import SecretMeta
 from broker.store.vault import HEADER, FileVault
 from grants import Grant, GrantsError, load_grants

@@ -11,8 +11,8 @@ import sys
 import time
 
 from broker.client import BrokerClient
-from broker.config import Home, open_private, private_dir, without_broker_vars
 from broker.core.errors import BrokerError, BrokerNotRunning
+from broker.core.home import Home, open_private, private_dir, without_broker_vars
 from broker.store import envelope
 from broker.store.vault import HEADER, passphrase_source, read_passphrase
 

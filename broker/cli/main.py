@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from broker.config import Home, load_config, open_private, private_dir, without_broker_vars
+from broker.config import load_config
 from broker.core.errors import BrokerError, UsageError
+from broker.core.home import Home, open_private, private_dir, without_broker_vars
 from broker.core.text import printable
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ _META_HEADER = ("REF", "PROVIDER", "KIND", "BACKEND", "FINGERPRINT", "VERSION", 
 
 def cmd_add(args: argparse.Namespace) -> int:
     service = _secrets(args)
-    from broker.store.backend import parse_ref
+    from broker.core.refs import parse_ref
 
     parse_ref(args.ref)
     service.ctx.metadata.require_absent(parse_ref(args.ref))  # refuse before prompting for a value
@@ -213,7 +214,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 def _inject_target(args: argparse.Namespace) -> Callable[[bytes], None]:
     """Where inject writes: -o FILE (0600, atomic), --out-fd N, or stdout; never a terminal."""
-    from broker.config import write_private
+    from broker.core.home import write_private
 
     if args.output is not None:
         path = Path(args.output)
@@ -272,8 +273,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     queries = Queries(_context(args))
     verdict = queries.reseal_audit() if args.reseal else queries.verify_audit()
     if args.json:
-        _print_json({"ok": verdict.ok, "checked": verdict.checked,
-                     "first_bad_line": verdict.first_bad_line, "reason": verdict.reason})
+        _print_json(verdict.as_json())
     elif verdict.ok:
         print(f"audit log OK: {verdict.checked} events, chain and seals intact")
     else:
@@ -412,7 +412,7 @@ def _login_page(home: Home, url: str, expires_at: str) -> str:
     link goes in a new 0600 file in the private run/ directory instead. Its mtime is set
     to the code's expiry, and pages past it are deleted here, the next time.
     """
-    from broker.store.audit import parse_rfc3339
+    from broker.core.clock import parse_rfc3339
 
     private_dir(home.run)
     now = time.time()

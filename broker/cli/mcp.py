@@ -26,8 +26,10 @@ from typing import Any, NoReturn
 
 from broker import __version__
 from broker.client import BrokerClient
-from broker.config import Home, load_config, secret_file_from
+from broker.config import load_config
 from broker.core.errors import BrokerError
+from broker.core.home import Home, secret_file_from
+from broker.gateway import sse
 
 TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
 MAX_ANSWER_BYTES = 256 * 1024  # what a model's context can take; the rest is cut with a note
@@ -127,27 +129,11 @@ def scrub_bytes(raw: bytes, secrets: Iterable[str], cut: bool = False) -> bytes:
 # --- provider answers (pure) -----------------------------------------------------------------
 
 
-def sse_events(text: str) -> list[Any]:
-    """The `data` of each server-sent event (JSON-decoded where it is JSON); comments and
-    OpenAI's closing `[DONE]` are left out."""
-    events: list[Any] = []
-    for block in re.split(r"\r?\n\r?\n", text):
-        data = "\n".join(line[5:].removeprefix(" ") for line in block.splitlines()
-                         if line.startswith("data:"))
-        if not data or data == "[DONE]":
-            continue
-        try:
-            events.append(json.loads(data))
-        except ValueError:
-            events.append(data)
-    return events
-
-
 def read_answer(content_type: str, raw: bytes) -> tuple[bool, Any]:
     """(streamed, answer): SSE as its events, JSON decoded, anything else as text."""
-    text = raw.decode("utf-8", "replace")
     if content_type.lower().startswith("text/event-stream"):
-        return True, sse_events(text)
+        return True, sse.events(raw)
+    text = raw.decode("utf-8", "replace")
     try:
         return False, json.loads(text)
     except ValueError:

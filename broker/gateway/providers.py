@@ -19,13 +19,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.core.errors import ConfigError
+from broker.core.refs import AT_REF_RE, PROVIDER_RE
 
 ERROR_SHAPES = ("openai", "google", "anthropic", "detail")
 USAGE_FORMATS = ("openai", "openai-responses", "gemini", "anthropic", "total_tokens", "none")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _ROUTE_SEGMENT = re.compile(r"[A-Za-z0-9._~:-]*(\{\w+\}[A-Za-z0-9._~:-]*)*")
-_REF = re.compile(r"@?[A-Za-z0-9_.-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class _Table:
                     raise self.fail(key, "must be an http(s) URL without a query")
                 out["base_url"] = value
             elif key == "secret_ref":
-                if not isinstance(value, str) or not _REF.fullmatch(value):
+                if not isinstance(value, str) or not AT_REF_RE.fullmatch(value):
                     raise self.fail(key, "must be a secret ref like \"openai_api_key\"")
                 out["secret_ref"] = value.lstrip("@")
             elif key == "auth":
@@ -220,7 +220,7 @@ def build_providers(tables: Mapping[str, Any]) -> dict[str, Provider]:
     """The built-in table with config.toml's `[providers.*]` applied, strictly validated."""
     table = dict(BUILTIN)
     for name, body in tables.items():
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
+        if not PROVIDER_RE.fullmatch(name):
             raise ConfigError(f"config.toml: [providers.{name}]: use a lower-case name")
         if not isinstance(body, dict):
             raise ConfigError(f"config.toml: [providers.{name}] must be a table")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
+
+from broker.gateway import sse
 
 TAP_LIMIT = 8 << 20  # bytes of a non-SSE body kept for parsing; past that usage is unknown
 DEFAULT_OUTPUT_ESTIMATE = 1024  # reserved when a request names no max_tokens
@@ -38,10 +39,6 @@ _USAGE_KEY = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*')
               for name in ("usageMetadata", "usage")}
 _USAGE_SPAN = 64 << 10  # bytes after the key a usage object may take
 
-
-def utc_day(t: float | None = None) -> str:
-    """The day a usage row or budget belongs to: YYYY-MM-DD in UTC (budgets reset at 00:00)."""
-    return time.strftime("%Y-%m-%d", time.gmtime(t))
 
 
 @dataclass
@@ -150,8 +147,9 @@ class UsageTap:
                 return
             line = bytes(self._buffer[:end]).strip()
             del self._buffer[: end + 1]
-            if line.startswith(b"data:") and b"usage" in line:  # most events carry none
-                self._parse(line[5:])
+            data = sse.data_of(line)
+            if data is not None and b"usage" in data:  # most events carry none
+                self._parse(data)
 
     def _parse(self, data: bytes) -> None:
         if b"usage" not in data:  # every format's usage fields are named usage…
@@ -194,7 +192,9 @@ class UsageTap:
             self._tail_usage(self._buffer)
         elif self._usable:
             self._events()
-            self._parse(bytes(self._buffer).strip().removeprefix(b"data:"))
+            line = bytes(self._buffer).strip()
+            data = sse.data_of(line)
+            self._parse(line if data is None else data)
         self._buffer.clear()
         return self.usage
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.core.clock import rfc3339
 from broker.core.errors import UsageError
 from broker.server.app import STATE, VALUE_JSON_LIMIT, json_body
 from broker.service.queries import Queries
 from broker.service.secrets import Secrets
 from broker.service.tokens import Tokens
-from broker.store.audit import rfc3339
 from grants import AccessRequest
 from grants.render import explain_as_json, grants_as_rows
 
@@ -157,9 +157,7 @@ async def audit_verify(request: web.Request) -> web.Response:
     # acknowledged, checkpoint included.
     await asyncio.to_thread(state.service.audit_log.flush)
     verdict = await asyncio.to_thread(Queries(state.admin).verify_audit)
-    return web.json_response({"ok": verdict.ok, "checked": verdict.checked,
-                              "first_bad_line": verdict.first_bad_line,
-                              "reason": verdict.reason})
+    return web.json_response(verdict.as_json())
 
 
 async def usage(request: web.Request) -> web.Response:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import fcntl
 import gc
-import ipaddress
 import json
 import os
 import signal
@@ -27,8 +26,9 @@ import structlog
 from aiohttp import web
 
 from broker import __version__
-from broker.config import Config, Home, check_private, load_config, open_private, private_dir
+from broker.config import Config, load_config
 from broker.core import logs, netowner
+from broker.core.clock import parse_rfc3339, rfc3339, utc_day
 from broker.core.errors import (
     AuditUnavailable,
     BodyTooLarge,
@@ -44,9 +44,12 @@ from broker.core.errors import (
     UnlockFailed,
     UsageError,
 )
+from broker.core.home import Home, check_private, open_private, private_dir
+from broker.core.loopback import is_loopback_host
+from broker.core.refs import CONSUMER_RE, parse_ref
 from broker.gateway import routes
 from broker.gateway.providers import Provider, build_providers, error_body
-from broker.gateway.usage import Budgets, Reservation, UsageBook, utc_day
+from broker.gateway.usage import Budgets, Reservation, UsageBook
 from broker.server import hardening, ui
 from broker.server.access import Access
 from broker.server.auth import (
@@ -59,16 +62,12 @@ from broker.server.auth import (
 )
 from broker.service.context import Context
 from broker.service.secrets import MAX_VALUE_BYTES, Secrets
-from broker.service.tokens import CONSUMER_RE
-from broker.store.audit import parse_rfc3339, rfc3339
-from broker.store.backend import parse_ref
 from broker.store.metadata import Metadata
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows
 
 log = structlog.get_logger("broker")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 STATE: web.AppKey[BrokerState] = web.AppKey("state", object)  # type: ignore[arg-type]
 
 
@@ -125,7 +124,7 @@ class BrokerState:
         peer = request.remote or "unix"
         # Any local process may bind any 127/8 source address, so loopback peers share
         # one bucket: rotating addresses must not reset the slowdown nor open new windows.
-        bucket = "loopback" if _host_is_loopback(peer) else peer
+        bucket = "loopback" if is_loopback_host(peer) else peer
         request["refused"] = True  # the tally's lines stand in for the per-request log line
         delay = self.throttle.penalty(bucket)
         first = {"reason": reason, "peer": peer, "status": status,
@@ -339,22 +338,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     return response
 
 
-def _host_is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    name = host.lower()
-    if name.startswith("["):
-        name = name[: name.find("]") + 1]
-    elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """DNS-rebinding and cross-site defence, before authentication, on every route."""
@@ -362,7 +345,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path.startswith(ui.PREFIX):  # the dashboard: its own page may call it
         refusal = ui.refusal(request.method, request.path, request.headers,
                              ui.port_of(request.app[STATE].listen))
-    elif not _host_is_loopback(request.headers.get("Host")):
+    elif not is_loopback_host(request.headers.get("Host")):
         refusal = ("host_header_refused", "the Host header is not a loopback name")
     elif "Origin" in request.headers:
         refusal = ("origin_not_allowed", "requests from web pages (with an Origin) are refused")
@@ -604,7 +587,7 @@ def parse_listen(listen: str, allow_remote: bool) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:18443")
-    if not _host_is_loopback(host):
+    if not is_loopback_host(host):
         if not allow_remote:
             raise UsageError(
                 f"refusing to listen on non-loopback address {host}: anyone who can reach it "

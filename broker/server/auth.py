@@ -6,7 +6,6 @@ old token at once. Tokens are compared in constant time.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized
 
 
@@ -109,7 +109,7 @@ class Authenticator:
                 raise Unauthorized("the dashboard's API takes a session token: open it with "
                                    "`secret-broker ui`")
             return Principal("owner", via)
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = token_hash(raw)
         if dashboard and self.sessions is not None and self.sessions.touch(digest):
             return Principal("session", via)
         known = self.consumer_tokens.get(digest)

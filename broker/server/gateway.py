@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from broker.cli.mcp import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
+from broker.core.clock import utc_day
 from broker.core.errors import (
     BrokerError,
     SecretNotFound,
@@ -29,6 +30,7 @@ from broker.core.errors import (
     UpstreamUnreachable,
     UsageError,
 )
+from broker.core.refs import parse_ref
 from broker.gateway import routes
 from broker.gateway.providers import Provider
 from broker.gateway.usage import (
@@ -38,10 +40,8 @@ from broker.gateway.usage import (
     estimate_tokens,
     request_doc,
     request_model,
-    utc_day,
 )
 from broker.server.app import STATE, BrokerState, consumer_of, read_body
-from broker.store.backend import parse_ref
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.server.gateway")

@@ -25,14 +25,16 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from broker.core import netowner
+from broker.core.clock import rfc3339
+from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized, UsageError
+from broker.core.loopback import LOOPBACK_NAMES
 
 # The daemon imports this module for its guard; take the module, not names from it, so
 # either module may be imported first.
 from broker.server import app as daemon
 from broker.server.auth import presented_token
-from broker.service.tokens import new_token, token_hash
-from broker.store.audit import rfc3339
+from broker.service.tokens import new_token
 
 PREFIX = "/ui/"
 API = "/ui/api/"
@@ -40,7 +42,6 @@ SESSION = "/ui/api/session"
 CODE = "/v1/admin/ui/code"
 SESSION_PREFIX = "sbs_"
 LOGIN_LIMIT = 1024  # bytes of a login's body: `{"code": "…"}` needs under a hundred
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 ASSETS = {  # path under /ui/ -> (file in broker/ui/, content type)
     "": ("index.html", "text/html"),
     "app.js": ("app.js", "text/javascript"),

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from broker.config import Config, Home, check_private, load_config
+from broker.config import Config, load_config
 from broker.core.errors import BrokerError
+from broker.core.home import Home, check_private
 from broker.store import audit
 from broker.store.backend import SecretStore, open_store
 from broker.store.metadata import Metadata

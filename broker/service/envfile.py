@@ -11,8 +11,8 @@ import re
 from collections.abc import Mapping
 
 from broker.core.errors import UsageError
+from broker.core.refs import parse_ref
 from broker.service.template import TemplateError, find_refs, ref_template
-from broker.store.backend import parse_ref
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Variables that decide which program runs, what it loads or what a shell runs first. exec

@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from broker.core.errors import SecretNotFound
+from broker.core.refs import parse_ref
 from broker.service.context import Context
 from broker.service.secrets import Secrets
-from broker.store.backend import parse_ref
 
 if TYPE_CHECKING:
     from broker.service.profiles import Profile

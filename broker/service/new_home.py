@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.config import Home, load_config, render_config, write_private
+from broker.config import load_config, render_config
 from broker.core.errors import BrokerError, UsageError
+from broker.core.home import Home, write_private
 from broker.service.context import INSTANCE_KEY, Context
 from broker.service.tokens import new_token
 from broker.store.backend import choose_backend

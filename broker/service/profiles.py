@@ -7,20 +7,18 @@ quoted in errors: a pasted key instead of a ref must not be echoed to a terminal
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from broker.core.errors import ConfigError, Denied, NotFound, UsageError
+from broker.core.refs import REF_RE, parse_ref
 from broker.service.envfile import ENV_NAME_RE, LOADER_REASON, is_loader_var
 from broker.service.template import ref_template
-from broker.store.backend import REF_RE, parse_ref
-from grants import AccessRequest, Deny, Grant, decide
+from grants import AccessRequest, Deny, Grant, decide, tomlfile
 
 PROFILE_KEYS = ("consumer", "env")
-MAX_FILE_BYTES = 1 << 20  # owner-written and small; a mistaken path is not read whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +41,9 @@ class Profile:
 def parse_profiles(text: str, source: str = "profiles.toml") -> dict[str, Profile]:
     """Parse and validate; a ConfigError lists every problem, each naming its key."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        doc = tomlfile.parse(text)
+    except tomlfile.TomlFileError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     problems = [f"unknown top-level key '{key}' (only [profiles.NAME] tables belong here)"
                 for key in doc if key != "profiles"]
     tables = doc.get("profiles", {})
@@ -100,19 +98,10 @@ def _env_entry(key: str, var: str, value: object, problems: list[str]) -> str | 
 def load_profiles(path: Path) -> dict[str, Profile]:
     """The home's profiles; a missing file holds none."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_profiles(text, str(path))
+        text = tomlfile.read_text(path)
+    except tomlfile.TomlFileError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return {} if text is None else parse_profiles(text, str(path))
 
 
 def find_profile(profiles: Mapping[str, Profile], name: str, source: Path) -> Profile:

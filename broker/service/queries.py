@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.config import check_private
+from broker.core.clock import utc_day
 from broker.core.errors import UsageError
-from broker.gateway.usage import DIMENSIONS, UsageRow, group, utc_day
+from broker.core.home import check_private
+from broker.core.refs import parse_ref
+from broker.gateway.usage import DIMENSIONS, UsageRow, group
 from broker.service.context import Context
 from broker.store import audit
-from broker.store.backend import parse_ref
 
 
 class Queries:

@@ -12,10 +12,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from broker.core.clock import rfc3339
 from broker.core.errors import BrokerError, SecretExists, UnlockFailed, UsageError
+from broker.core.refs import parse_ref
 from broker.service.context import Context
-from broker.store import audit
-from broker.store.backend import KINDS, parse_ref
+from broker.store.backend import KINDS
 from broker.store.metadata import SecretMeta, case_twin_message
 
 # No API key, token or certificate comes near it; it keeps a mistaken file (a disk image
@@ -51,7 +52,7 @@ class Secrets:
             self.ctx.metadata.require_absent(ref)
             store = self.ctx.store
             meta = SecretMeta(ref, provider, kind, store.name, self.ctx.fingerprint(value), 1,
-                              audit.rfc3339(), None, None)
+                              rfc3339(), None, None)
             self.ctx.record("secret.added", secret_ref=ref, provider=provider, kind=kind,
                             backend=store.name, version=1)
             self.ctx.metadata.delete_meta(_note(ref))  # a note of an earlier incarnation
@@ -67,7 +68,7 @@ class Secrets:
             version = old.version + 1
             self.ctx.record("secret.rotated", secret_ref=ref, version=version)
             fingerprint = self._replace_value(ref, value, version)
-            self.ctx.metadata.set_value_info(ref, fingerprint, version, audit.rfc3339())
+            self.ctx.metadata.set_value_info(ref, fingerprint, version, rfc3339())
         return self.ctx.metadata.get(ref)
 
     def _replace_value(self, ref: str, value: str, version: int) -> str:
@@ -99,7 +100,7 @@ class Secrets:
             return meta  # unreadable: the rotate under way replaces it anyway
         if not hmac.compare_digest(fingerprint, noted[1]):
             return meta  # killed before its store write: the store still holds `meta`'s value
-        self.ctx.metadata.set_value_info(meta.ref, fingerprint, noted[0], audit.rfc3339())
+        self.ctx.metadata.set_value_info(meta.ref, fingerprint, noted[0], rfc3339())
         return self.ctx.metadata.get(meta.ref)
 
     def remove(self, ref: str) -> SecretMeta:
@@ -147,7 +148,7 @@ class Secrets:
         return value
 
     def touch(self, ref: str) -> None:
-        self.ctx.metadata.touch(ref, audit.rfc3339())
+        self.ctx.metadata.touch(ref, rfc3339())
 
     # --- a home's secrets in and out (`export`, `import`) ---------------------------------
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-_NAME = r"[A-Za-z0-9_.-]{1,128}"  # a secret ref (SPEC §1), case-sensitive
+from grants.model import REF_PATTERN
+
+_NAME = REF_PATTERN  # a secret ref (SPEC §1), case-sensitive
 # Alternatives are tried in order at each position: a complete reference wins; an opening
 # that does not complete one is reported, since a typo must not pass through as text.
 _SP = r"[ \t]*"  # spaces inside the braces are optional; a reference never spans lines

@@ -4,28 +4,23 @@ in metadata): made, listed, revoked and rotated here, each act audited."""
 from __future__ import annotations
 
 import base64
-import hashlib
-import re
 import secrets
 import time
 
-from broker.config import parse_duration, write_private
+from broker.core.clock import parse_duration, rfc3339
+from broker.core.digest import token_hash
 from broker.core.errors import NotFound, UsageError
+from broker.core.home import write_private
+from broker.core.refs import CONSUMER_RE
 from broker.service.context import Context
-from broker.store import audit
 from broker.store.metadata import TokenMeta
 
 TOKEN_PREFIX = "sbt_"  # noqa: S105 - a prefix, not a token
 CONSUMER_TOKEN_PREFIX = "sbc_"  # noqa: S105 - a prefix, not a token
-CONSUMER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 def new_token(prefix: str = TOKEN_PREFIX) -> str:
     return prefix + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Tokens:
@@ -50,14 +45,14 @@ class Tokens:
             seconds = parse_duration(ttl)
             if not seconds:
                 raise UsageError(f"--ttl {ttl!r}: use a positive duration like 90s, 30m, 12h, 7d")
-            expires_at = audit.rfc3339(time.time() + seconds)
+            expires_at = rfc3339(time.time() + seconds)
         if description is not None and (len(description) > 500 or "\n" in description):
             raise UsageError("the description must be one line of at most 500 characters")
         if daily_tokens is not None and (isinstance(daily_tokens, bool) or daily_tokens < 1):
             raise UsageError("--daily-tokens must be a positive whole number")
         token = new_token(CONSUMER_TOKEN_PREFIX)
         meta = TokenMeta("tok_" + secrets.token_hex(8), token_hash(token), consumer,
-                         description, audit.rfc3339(), expires_at, None, None, daily_tokens)
+                         description, rfc3339(), expires_at, None, None, daily_tokens)
         self.ctx.record("token.created", token_id=meta.id, consumer=consumer)
         self.ctx.metadata.insert_token(meta)
         return meta, token
@@ -73,7 +68,7 @@ class Tokens:
                            code="token_not_found")
         if consumer is not None and consumer not in {t.consumer for t in known}:
             raise NotFound(f"no token for consumer {consumer!r}", code="token_not_found")
-        revoked = self.ctx.metadata.revoke_tokens(audit.rfc3339(), token_id=token_id,
+        revoked = self.ctx.metadata.revoke_tokens(rfc3339(), token_id=token_id,
                                                   consumer=consumer)
         for token in revoked:
             self.ctx.record("token.revoked", token_id=token.id, consumer=token.consumer)

@@ -23,12 +23,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from broker.config import Home, check_private, secret_file_from, write_private
+from broker.core.clock import parse_rfc3339, rfc3339
 from broker.core.errors import BrokerError, UnlockFailed, UsageError
+from broker.core.home import Home, check_private, secret_file_from, write_private
+from broker.core.refs import parse_ref
 from broker.service.context import Context
 from broker.service.secrets import ExportedSecret, Secrets
-from broker.store import audit
-from broker.store.backend import parse_ref
 
 if TYPE_CHECKING:
     from broker.store.metadata import SecretMeta
@@ -110,7 +110,7 @@ def _secret(entry: Any, n: int, bad: Callable[[str], BrokerError]) -> ExportedSe
         raise bad(f"{where}: {', '.join(texts)} must be text")
     for key in ("created_at", "rotated_at"):
         try:
-            audit.parse_rfc3339(entry[key])
+            parse_rfc3339(entry[key])
         except (AttributeError, ValueError):
             raise bad(f"{where}: {key} must be an RFC 3339 time (or null for rotated_at)") \
                 from None
@@ -230,7 +230,7 @@ def export_home(ctx: Context, *, recipients: Sequence[str], passphrase: str | No
     parsed = parse_recipients(recipients)  # refuse a bad recipient before reading values
     carried = {k: p.read_text(encoding="utf-8") for k, p in _carried_files(ctx.home).items()
                if with_grants and p.exists()}
-    manifest = Manifest(audit.rfc3339(), tuple(Secrets(ctx).export_all()), carried.get("grants"),
+    manifest = Manifest(rfc3339(), tuple(Secrets(ctx).export_all()), carried.get("grants"),
                         carried.get("profiles"))
     return encrypt(dump_manifest(manifest), recipients=parsed, passphrase=passphrase), manifest
 

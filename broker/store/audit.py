@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.config import parse_duration
+from broker.core.clock import parse_duration, rfc3339
 from broker.core.errors import AuditUnavailable, UsageError
 
 GENESIS = "0" * 64
@@ -45,24 +45,6 @@ _CHECKPOINT_DOMAIN = b"secret-broker audit checkpoint v1\n"
 # The newest (seq, mac) and its seal; the seal is None in a home from before sealing.
 Checkpoint = tuple[int, str, str | None]
 _RESEAL = "once the log is trusted, run `secret-broker audit verify --reseal`"
-
-
-def rfc3339(t: float | None = None) -> str:
-    """RFC 3339, UTC, milliseconds; the per-second prefix is cached (one call per event)."""
-    t = time.time() if t is None else t
-    second = int(t // 1)
-    return f"{_second_prefix(second)}{int((t - second) * 1000):03d}Z"
-
-
-@functools.lru_cache(maxsize=4)
-def _second_prefix(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-
-
-def parse_rfc3339(text: str | None) -> float | None:
-    if text is None:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def line_hash(line: bytes) -> str:
@@ -97,6 +79,11 @@ class Verdict:
     checked: int
     first_bad_line: int | None = None
     reason: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """What `audit verify --json` prints and the admin API's audit/verify answers."""
+        return {"ok": self.ok, "checked": self.checked, "first_bad_line": self.first_bad_line,
+                "reason": self.reason}
 
 
 def _line_problem(line: bytes, key: bytes, prev: str, seq: int) -> str | None:

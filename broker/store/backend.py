@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from broker.config import Home
 from broker.core.errors import KeychainUnavailable, UsageError
+from broker.core.home import Home
 
-REF_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 KINDS = ("api_key", "token", "password", "certificate", "other")
 BACKENDS = ("keychain", "file-vault")
 
@@ -29,16 +27,6 @@ class SecretStore(Protocol):
         """Where the value is kept, for messages (a file, a keychain entry)."""
     def put(self, ref: str, value: str, version: int) -> None: ...
     def delete(self, ref: str) -> None: ...
-
-
-def parse_ref(text: str) -> str:
-    """`@openai_api_key` or `openai_api_key` -> `openai_api_key`, or a UsageError."""
-    ref = text[1:] if text.startswith("@") else text
-    if not REF_RE.fullmatch(ref) or ref in (".", ".."):
-        raise UsageError(
-            f"invalid secret ref {text!r}: use 1-128 of A-Z a-z 0-9 _ . - (e.g. @openai_api_key)"
-        )
-    return ref
 
 
 def open_store(home: Home, backend: str, instance_id: str,

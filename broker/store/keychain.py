@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.config import Home
 from broker.core.errors import KeychainUnavailable, SecretNotFound, UnlockFailed
+from broker.core.home import Home
 from broker.store.metadata import read_instance_id
 
 HOME_KEY = "!home"  # the real path of the home these entries belong to

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from broker.config import Home, check_private, fsync_dir, secret_file_from, write_private
 from broker.core.errors import BrokerError, NotInitialized, SecretNotFound, UnlockFailed, UsageError
+from broker.core.home import Home, check_private, fsync_dir, secret_file_from, write_private
 from broker.store import envelope
 
 HEADER = "header.json"

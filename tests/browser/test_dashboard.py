@@ -16,8 +16,8 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from broker.client import BrokerClient
-from broker.config import Home
 from broker.core.errors import Unauthorized
+from broker.core.home import Home
 from broker.server.ui import HEADERS
 from broker.service.context import Context
 from broker.service.secrets import Secrets

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from broker.cli.completions import command_tree
 from broker.cli.main import build_parser
 from tests.conftest import CANARY, Cli
 
@@ -89,16 +89,37 @@ def test_refs_complete_while_the_store_is_locked(cli: Cli,
     assert cli.ok("list", "--refs") == "openai_api_key\n"
 
 
+def command_paths(parser: argparse.ArgumentParser, path: str = ""
+                  ) -> Iterator[tuple[str, list[str]]]:
+    """Every command path of the parser with its visible option strings, depth first."""
+    options: list[str] = []
+    subs: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            subs.update(action.choices)
+        elif action.help != argparse.SUPPRESS:
+            options += action.option_strings
+    yield path, options
+    for name, sub in subs.items():
+        yield from command_paths(sub, f"{path} {name}".lstrip())
+
+
+def spelled(shell: str, option: str) -> str:
+    """An option as the shell's script names it (fish: `-l json`, `-s h`)."""
+    if shell != "fish":
+        return option
+    return f"-l {option[2:]}" if option.startswith("--") else f"-s {option[1:]}"
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_every_script_is_generated_from_the_parser(cli: Cli, shell: str) -> None:
-    """Each script's table holds every command path and option `build_parser()` defines, and
+    """Each script holds every command path and option `build_parser()` defines, and
     leaves out the hidden `list --refs`."""
     script = cli.ok("completions", shell)
-    nodes = command_tree(build_parser())
-    assert {"export", "import", "check", "grants explain", "token revoke"} <= {
-        n.path for n in nodes}
-    for node in nodes:
-        assert f"'{node.path}'" in script
-        assert f"'{' '.join(node.options)}'" in script
-    assert "--refs'" not in script  # not offered in any table
+    nodes = dict(command_paths(build_parser()))
+    assert {"export", "import", "check", "grants explain", "token revoke"} <= set(nodes)
+    for path, options in nodes.items():
+        for word in [*path.split()[-1:], *(spelled(shell, option) for option in options)]:
+            assert re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", script), (path, word)
     assert "list --refs 2>/dev/null" in script  # how refs are fetched: metadata only
+    assert "--refs" not in script.replace("list --refs 2>/dev/null", "")  # never offered

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from broker.config import Home
+from broker.core.home import Home
 from broker.service.context import Context
 from broker.service.secrets import Secrets
 from tests.conftest import CANARY, Cli, Daemon, base_env, start_daemon, write_grants

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from broker.client import BrokerClient
-from broker.config import Home
 from broker.core.errors import Denied, UsageError
+from broker.core.home import Home
 from broker.service.context import Context
 from tests.conftest import CANARY, Cli, Daemon, grant, wait_for, write_grants
 

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import (
-    DEFAULT_LISTEN,
-    Config,
-    Home,
-    check_private,
-    parse_config,
-    render_config,
-    write_private,
-)
+from broker.config import DEFAULT_LISTEN, Config, parse_config, render_config
 from broker.core.errors import ConfigError, InsecureFile, NotInitialized
+from broker.core.home import Home, check_private, write_private
 
 
 def test_empty_config_gives_defaults() -> None:

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from grants import Grant, GrantsError, Problem, load_grants, parse_grants
-from grants.loader import MAX_FILE_BYTES, REQUIRED_KEYS
+from grants.loader import REQUIRED_KEYS
+from grants.tomlfile import MAX_FILE_BYTES
 
 SPEC_EXAMPLE = """\
 [[grants]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.config import Home
+from broker.core.home import Home
 from broker.service.context import Context
 from broker.service.new_home import init_home
 from broker.service.queries import Queries

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
+from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized
 from broker.server.auth import Authenticator
 from broker.server.ui import Logins, needs_no_token, refusal
-from broker.service.tokens import token_hash
 
 PORT = 18443
 OWN = f"127.0.0.1:{PORT}"

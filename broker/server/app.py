@@ -553,7 +553,7 @@ async def my_explain(request: web.Request) -> web.Response:
 
 async def mcp_tool_called(request: web.Request) -> web.Response:
     """The MCP server records each tool call here before making it (no audit, no action)."""
-    from broker.cli.mcp import TOOLS
+    from broker.core.protocol import TOOLS
 
     state = request.app[STATE]
     body = await json_body(request)

@@ -20,7 +20,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from broker.cli.mcp import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
 from broker.core.errors import (
     BrokerError,
     SecretNotFound,
@@ -29,8 +28,10 @@ from broker.core.errors import (
     UpstreamUnreachable,
     UsageError,
 )
+from broker.core.protocol import MAX_ANSWER_BYTES, SCRUB_HEADER
 from broker.gateway import routes
 from broker.gateway.providers import Provider
+from broker.gateway.scrub import scrub_bytes
 from broker.gateway.usage import (
     Reservation,
     Usage,

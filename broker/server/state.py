@@ -288,8 +288,9 @@ class LiveConfig:
         self._signature = signature
         log.info("config.reloaded", file=str(self._path), why=why,
                  restart_needed=list(self.restart_needed))
-        self._audit.record_safely("config.reloaded", reason=why,
-                                  restart_needed=list(self.restart_needed))
+        pending = f"; a restart applies {', '.join(self.restart_needed)}" \
+            if self.restart_needed else ""
+        self._audit.record_safely("config.reloaded", reason=why + pending)
 
     def as_json(self) -> dict[str, Any]:
         return {"file": str(self._path), "loaded_at": rfc3339(self.loaded_at),

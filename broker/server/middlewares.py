@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -51,12 +52,15 @@ def _from_http(exc: web.HTTPException) -> BrokerError:
     return err
 
 
-def _internal(request: web.Request) -> web.Response:
-    """A failure nobody foresaw (a database error, a bug): logged once with its traceback
-    under a request id, which the caller gets instead of the exception's text."""
+def _internal(request: web.Request, exc: Exception) -> web.Response:
+    """A failure nobody foresaw (a database error, a bug): logged once under a request id,
+    which the caller gets instead of the exception's text. The log has the exception's
+    type and where it was raised, not its message: that may quote a value or a token (as
+    aiohttp's own error logs may, see `logs._ErrorTypeOnly`)."""
     request_id = secrets.token_hex(8)
-    log.exception("request.failed", request_id=request_id, method=request.method,
-                  route=request.get("route", request.path[:200]))
+    log.error("request.failed", request_id=request_id, method=request.method,
+              route=request.get("route", request.path[:200]), error=type(exc).__name__,
+              traceback="".join(traceback.format_tb(exc.__traceback__))[-8000:])
     response = error_response(request, BrokerError(
         f"the broker failed on this request (request id {request_id}); its log has the "
         "details under that id", code="internal_error"))
@@ -76,8 +80,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         response = error_response(request, _from_http(exc))
-    except Exception:  # never the exception's text to the caller: it may name files or SQL
-        response = _internal(request)
+    except Exception as exc:  # never its text to the caller: it may name files, SQL, values
+        response = _internal(request, exc)
     request.app[SERVER].requests[str(response.status)] += 1
     if not request.get("refused"):  # refusals are logged once per window (AuditRecorder)
         log.info("request", method=request.method, route=request.get("route", request.path),

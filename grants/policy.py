@@ -25,7 +25,7 @@ def decide(grants: Sequence[Grant], request: AccessRequest) -> Decision:
 
     candidates = [g for g in grants if g.secret_ref == ref]
     if not candidates:
-        return Deny(f"no grant for secret {ref!r}")
+        return Deny(f"no grant for secret {ref!r} (asked: {_asked(request)})")
     candidates = [g for g in candidates if g.consumer == consumer]
     if not candidates:
         return Deny(f"no grant gives consumer {consumer!r} secret {ref!r}")
@@ -60,3 +60,14 @@ def _reason(gives: str, ref: str, nearest: Grant, key: str) -> str:
         f"no grant gives {gives} on secret {ref!r}; "
         f"grant {nearest.index} (line {nearest.line}) has {key} = {have}"
     )
+
+
+def _asked(request: AccessRequest) -> str:
+    """The request in the words of the other denials, so the owner knows what to grant."""
+    parts = [f"consumer {request.consumer!r}"]
+    if request.delivery != "env":
+        parts.append(f"purpose {request.purpose!r}")
+    parts.append(f"delivery {request.delivery!r}")
+    if request.host is not None and request.delivery != "env":
+        parts.append(f"host {request.host.lower()!r}")
+    return ", ".join(parts)

@@ -17,11 +17,10 @@ The `mcp` SDK (the extra `secret-broker[mcp]`) is imported only where the server
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from broker import __version__
@@ -29,20 +28,11 @@ from broker.client import BrokerClient
 from broker.config import load_config
 from broker.core.errors import BrokerError
 from broker.core.home import Home, secret_file_from
+from broker.core.protocol import MAX_ANSWER_BYTES, SCRUB_HEADER
 from broker.gateway import sse
+from broker.gateway.scrub import scrub
 
-TOOLS = ("list_secrets", "explain_access", "call_provider", "usage")
-MAX_ANSWER_BYTES = 256 * 1024  # what a model's context can take; the rest is cut with a note
 CALL_TIMEOUT_SECS = 330.0  # longer than the daemon's own idle read timeout (300 s)
-REDACTED = "[redacted]"
-# Asks the daemon, which holds the values, to return a /proxy answer whole with every stored
-# value (exact and base64) replaced by REDACTED, whatever the values look like.
-SCRUB_HEADER = "X-Broker-Scrub"
-# What provider keys look like (OpenAI and Anthropic `sk-…`, Google `AIza…`, Voyage `pa-…`,
-# Jina `jina_…`), where no letter or digit runs into them. The server cannot know the stored
-# values, so it removes anything shaped like one: defence in depth behind the gateway.
-KEY_SHAPES = re.compile(r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{16,}|AIza[0-9A-Za-z_-]{35}"
-                        r"|pa-[A-Za-z0-9_-]{16,}|jina_[A-Za-z0-9_-]{16,})")
 _PROVIDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A route path as the gateway matches it; the daemon normalises and checks it again.
 _ROUTE_PATH = re.compile(r"[A-Za-z0-9._~:/?&=%@+,;!$*'()-]{1,2048}")
@@ -76,54 +66,6 @@ DESCRIPTIONS = {
     "usage": "This agent's usage through the broker: requests, errors and tokens per "
              "provider, model, route and day.",
 }
-
-
-# --- scrubbing (pure) ------------------------------------------------------------------------
-
-
-def secret_forms(secret: str) -> list[str]:
-    """A secret as written and in base64 (standard and URL-safe, padded or not), longest
-    first so that no form is cut by a shorter one."""
-    forms = {secret}
-    for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        encoded = encode(secret.encode()).decode()
-        forms |= {encoded, encoded.rstrip("=")}
-    return sorted(forms, key=len, reverse=True)
-
-
-def scrub(doc: Any, secrets: Iterable[str]) -> Any:
-    """`doc` (JSON-like) with each secret (exact and base64) and anything shaped like a
-    provider key replaced by [redacted], in keys and values at any depth."""
-    forms = [form for secret in secrets if secret for form in secret_forms(secret)]
-
-    def text(value: str) -> str:
-        for form in forms:
-            value = value.replace(form, REDACTED)
-        return KEY_SHAPES.sub(REDACTED, value)
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, str):
-            return text(node)
-        if isinstance(node, dict):
-            return {text(str(k)): walk(v) for k, v in node.items()}
-        if isinstance(node, list | tuple):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(doc)
-
-
-def scrub_bytes(raw: bytes, secrets: Iterable[str], cut: bool = False) -> bytes:
-    """`raw` with each secret (exact and base64) replaced by [redacted]; for an answer `cut`
-    short, also a trailing start of one, which the rest would have completed."""
-    forms = [form.encode() for secret in secrets if secret for form in secret_forms(secret)]
-    for form in forms:
-        raw = raw.replace(form, REDACTED.encode())
-    if cut:
-        for form in forms:
-            raw = next((raw[:-k] for k in range(len(form) - 1, 0, -1)
-                        if raw.endswith(form[:k])), raw)
-    return raw
 
 
 # --- provider answers (pure) -----------------------------------------------------------------

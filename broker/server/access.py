@@ -8,6 +8,7 @@ No audit, no lease: the decision is recorded before the lease is handed out.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ class Access:
                       delivery=request.delivery, host=request.host, **audit)
         if isinstance(decision, Deny):
             self._record("lease.denied", reason=decision.reason, **fields)
-            raise Denied(decision.reason)
+            raise Denied(f"{decision.reason}; grants are in {self._path}, and "
+                         f"`{_explain_command(request)}` shows what a grant needs")
         lease = self.table.issue(request, decision, secret_version)
         try:
             self._record("lease.issued", lease_id=lease.lease_id, **fields)
@@ -146,3 +148,12 @@ class Access:
         revoked = self.table.revoke_secret(ref, keep_version=version)
         self._record_revoked(revoked, "secret rotated" if version else "secret removed")
 
+
+def _explain_command(request: AccessRequest) -> str:
+    """The `grants explain` command line that asks the owner's question for this request."""
+    words = ["secret-broker", "grants", "explain", "--consumer", request.consumer,
+             "--secret", "@" + request.secret_ref.lstrip("@"), "--delivery", request.delivery]
+    for flag, value in (("--purpose", request.purpose), ("--host", request.host)):
+        if value is not None:
+            words += [flag, value]
+    return shlex.join(words)

@@ -8,18 +8,22 @@ service layer, exactly as its CLI twin is with actor `cli`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from broker.core.clock import rfc3339
 from broker.core.errors import UsageError
-from broker.server.app import STATE, VALUE_JSON_LIMIT, json_body
+from broker.server.inputs import VALUE_JSON_LIMIT, json_body
+from broker.server.state import ACCESS, ADMIN, SECRETS, SERVICE
 from broker.service.queries import Queries
 from broker.service.secrets import Secrets
 from broker.service.tokens import Tokens
 from grants import AccessRequest
 from grants.render import explain_as_json, grants_as_rows
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _fields(body: dict[str, Any], required: tuple[str, ...],
@@ -49,36 +53,36 @@ def _str(value: str | None) -> str:
 
 
 async def list_secrets(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response({"secrets": [m.as_json() for m in Secrets(state.admin).all()]})
+    admin = request.app[ADMIN]
+    return web.json_response({"secrets": [m.as_json() for m in Secrets(admin).all()]})
 
 
 async def add_secret(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    admin = request.app[ADMIN]
     f = _fields(await json_body(request, VALUE_JSON_LIMIT), ("ref", "provider", "kind", "value"))
-    meta = Secrets(state.admin).add(_str(f["ref"]), _str(f["provider"]), _str(f["kind"]),
-                                    _str(f["value"]))
-    state.refresh(force=True)
+    meta = Secrets(admin).add(_str(f["ref"]), _str(f["provider"]), _str(f["kind"]),
+                              _str(f["value"]))
+    request.app[SECRETS].refresh(force=True)
     return web.json_response(meta.as_json(), status=201)
 
 
 async def inspect_secret(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(Secrets(state.admin).inspect(request.match_info["ref"]).as_json())
+    admin = request.app[ADMIN]
+    return web.json_response(Secrets(admin).inspect(request.match_info["ref"]).as_json())
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    admin = request.app[ADMIN]
     f = _fields(await json_body(request, VALUE_JSON_LIMIT), ("value",))
-    meta = Secrets(state.admin).rotate(request.match_info["ref"], _str(f["value"]))
-    state.refresh(force=True)
+    meta = Secrets(admin).rotate(request.match_info["ref"], _str(f["value"]))
+    request.app[SECRETS].refresh(force=True)
     return web.json_response(meta.as_json())
 
 
 async def remove_secret(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    meta = Secrets(state.admin).remove(request.match_info["ref"])
-    state.refresh(force=True)
+    admin = request.app[ADMIN]
+    meta = Secrets(admin).remove(request.match_info["ref"])
+    request.app[SECRETS].refresh(force=True)
     return web.json_response({"removed": meta.ref})
 
 
@@ -86,18 +90,17 @@ async def remove_secret(request: web.Request) -> web.Response:
 
 
 async def show_grants(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    current = state.access.state
+    current = request.app[ACCESS].state
     return web.json_response({
-        "file": str(state.service.home.grants), "valid": current.valid, "error": current.error,
+        "file": str(request.app[SERVICE].home.grants), "valid": current.valid,
+        "error": current.error,
         "loaded_at": rfc3339(current.loaded_at), "grants": grants_as_rows(current.grants)})
 
 
 async def explain(request: web.Request) -> web.Response:
-    state = request.app[STATE]
     f = _fields(await json_body(request), ("consumer", "secret_ref", "delivery"),
                 ("purpose", "host"))
-    decision = state.access.decide(AccessRequest(
+    decision = request.app[ACCESS].decide(AccessRequest(
         _str(f["consumer"]), _str(f["secret_ref"]), f["purpose"], _str(f["delivery"]), f["host"]))
     return web.json_response(explain_as_json(decision))
 
@@ -106,27 +109,26 @@ async def explain(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response({"tokens": [t.as_json() for t in Tokens(state.admin).all()]})
+    admin = request.app[ADMIN]
+    return web.json_response({"tokens": [t.as_json() for t in Tokens(admin).all()]})
 
 
 async def create_token(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    admin = request.app[ADMIN]
     body = await json_body(request)
     daily = body.pop("daily_tokens", None)
     if daily is not None and (not isinstance(daily, int) or isinstance(daily, bool)):
         raise UsageError("daily_tokens must be a whole number")
     f = _fields(body, ("consumer",), ("ttl", "description"))
-    meta, token = Tokens(state.admin).create(_str(f["consumer"]), f["ttl"], f["description"],
-                                             daily)
-    state.refresh(force=True)
+    meta, token = Tokens(admin).create(_str(f["consumer"]), f["ttl"], f["description"], daily)
+    request.app[SECRETS].refresh(force=True)
     return web.json_response({**meta.as_json(), "token": token}, status=201)
 
 
 async def revoke_token(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    revoked = Tokens(state.admin).revoke(token_id=request.match_info["token_id"])
-    state.refresh(force=True)
+    admin = request.app[ADMIN]
+    revoked = Tokens(admin).revoke(token_id=request.match_info["token_id"])
+    request.app[SECRETS].refresh(force=True)
     return web.json_response({"revoked": [t.id for t in revoked]})
 
 
@@ -140,50 +142,38 @@ AUDIT_PAGE_MAX = 10_000
 async def audit_events(request: web.Request) -> web.Response:
     """The newest matching events, newest last; read from the log's end in a thread, so a
     large log neither blocks the event loop nor is loaded whole."""
-    state = request.app[STATE]
+    admin = request.app[ADMIN]
     q = request.query
     limit_text = q.get("limit") or str(AUDIT_PAGE)
     if not (limit_text.isdigit() and 0 < int(limit_text) <= AUDIT_PAGE_MAX):
         raise UsageError(f"limit must be a whole number from 1 to {AUDIT_PAGE_MAX}")
     events = await asyncio.to_thread(
-        Queries(state.admin).audit_events, ref=q.get("ref") or None, event=q.get("event") or None,
+        Queries(admin).audit_events, ref=q.get("ref") or None, event=q.get("event") or None,
         since=q.get("since") or None, limit=int(limit_text))
     return web.json_response({"events": events})
 
 
 async def audit_verify(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    admin = request.app[ADMIN]
     # In a thread: verifying reads the whole log. Flush first: verify what has been
     # acknowledged, checkpoint included.
-    await asyncio.to_thread(state.service.audit_log.flush)
-    verdict = await asyncio.to_thread(Queries(state.admin).verify_audit)
+    await asyncio.to_thread(request.app[SERVICE].audit_log.flush)
+    verdict = await asyncio.to_thread(Queries(admin).verify_audit)
     return web.json_response(verdict.as_json())
 
 
-async def usage(request: web.Request) -> web.Response:
-    """Usage (SPEC §15); the owner sees every consumer, a consumer token only its own."""
-    state = request.app[STATE]
-    state.flush_usage(state.service.metadata)  # include what the last second added
-    principal = request["principal"]
-    rows = Queries(state.admin).usage(since=request.query.get("since") or None,
-                                      by=request.query.get("group_by") or None,
-                                      consumer=principal.consumer)
-    return web.json_response({"usage": [r.as_json() for r in rows]})
-
-
-def add_routes(app: web.Application, prefix: str) -> None:
-    """Mount the admin routes under `prefix` (`/v1/admin`; the dashboard mounts them too)."""
-    r = app.router
-    r.add_get(f"{prefix}/secrets", list_secrets)
-    r.add_post(f"{prefix}/secrets", add_secret)
-    r.add_get(f"{prefix}/secrets/{{ref}}", inspect_secret)
-    r.add_put(f"{prefix}/secrets/{{ref}}", rotate_secret)
-    r.add_delete(f"{prefix}/secrets/{{ref}}", remove_secret)
-    r.add_get(f"{prefix}/grants", show_grants)
-    r.add_post(f"{prefix}/grants/explain", explain)
-    r.add_get(f"{prefix}/tokens", list_tokens)
-    r.add_post(f"{prefix}/tokens", create_token)
-    r.add_delete(f"{prefix}/tokens/{{token_id}}", revoke_token)
-    r.add_get(f"{prefix}/audit", audit_events)
-    r.add_get(f"{prefix}/audit/verify", audit_verify)
-    r.add_get(f"{prefix}/usage", usage)
+# Mounted by the app under /v1/admin, and again under /ui/api for the dashboard.
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/secrets", list_secrets),
+    ("POST", "/secrets", add_secret),
+    ("GET", "/secrets/{ref}", inspect_secret),
+    ("PUT", "/secrets/{ref}", rotate_secret),
+    ("DELETE", "/secrets/{ref}", remove_secret),
+    ("GET", "/grants", show_grants),
+    ("POST", "/grants/explain", explain),
+    ("GET", "/tokens", list_tokens),
+    ("POST", "/tokens", create_token),
+    ("DELETE", "/tokens/{token_id}", revoke_token),
+    ("GET", "/audit", audit_events),
+    ("GET", "/audit/verify", audit_verify),
+)

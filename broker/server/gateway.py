@@ -20,7 +20,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from broker.cli.mcp import MAX_ANSWER_BYTES, SCRUB_HEADER, scrub_bytes
 from broker.core.clock import utc_day
 from broker.core.errors import (
     BrokerError,
@@ -30,9 +29,11 @@ from broker.core.errors import (
     UpstreamUnreachable,
     UsageError,
 )
+from broker.core.protocol import MAX_ANSWER_BYTES, SCRUB_HEADER
 from broker.core.refs import parse_ref
 from broker.gateway import routes
 from broker.gateway.providers import Provider
+from broker.gateway.scrub import scrub_bytes
 from broker.gateway.usage import (
     Reservation,
     Usage,
@@ -41,7 +42,8 @@ from broker.gateway.usage import (
     request_doc,
     request_model,
 )
-from broker.server.app import STATE, BrokerState, consumer_of, read_body
+from broker.server.inputs import consumer_of, read_body
+from broker.server.state import ACCESS, AUDIT, CONFIG, SECRETS, SPENDING, SecretsCache
 from grants import AccessRequest
 
 log = structlog.get_logger("broker.server.gateway")
@@ -62,12 +64,13 @@ REQUEST_DROP = HOP_BY_HOP | CALLER_CREDENTIALS | {"host", "content-length", "ori
 UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "server", "date", "alt-svc"}
 Exchange = dict[str, Any]  # what the audit records of one proxied request
+# The pooled session every upstream call goes through; opened at startup, closed at cleanup.
+UPSTREAM: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream", aiohttp.ClientSession)
 
 
-async def start(app: web.Application) -> None:
-    state = app[STATE]
-    cfg = state.config
-    state.upstream = aiohttp.ClientSession(
+async def open_upstream(app: web.Application) -> None:
+    cfg = app[CONFIG].config
+    app[UPSTREAM] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_secs,
                                       sock_connect=cfg.connect_timeout_secs,
@@ -79,8 +82,8 @@ async def start(app: web.Application) -> None:
     )
 
 
-async def stop(app: web.Application) -> None:
-    await app[STATE].upstream.close()
+async def close_upstream(app: web.Application) -> None:
+    await app[UPSTREAM].close()
 
 
 def upstream_headers(incoming: Any, provider: Provider, key: str,
@@ -127,40 +130,41 @@ def strip_key_param(query: str, withheld: tuple[str, ...] = ()) -> str:
     return "".join(out)
 
 
-def _secret_ref(request: web.Request, state: BrokerState, provider: Provider) -> str:
+def _secret_ref(request: web.Request, cache: SecretsCache, provider: Provider) -> str:
     if len(request.headers.getall("X-Broker-Secret-Ref", [])) > 1:  # which one would win?
         raise UsageError("send X-Broker-Secret-Ref once")
     named = request.headers.get("X-Broker-Secret-Ref")
-    return parse_ref(named) if named is not None else state.secret_for(provider)
+    return parse_ref(named) if named is not None else cache.secret_for(provider)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    m = routes.match(state.providers, request.method, request.raw_path)
+    config, cache, spending = request.app[CONFIG], request.app[SECRETS], request.app[SPENDING]
+    audit = request.app[AUDIT]
+    m = routes.match(config.providers, request.method, request.raw_path)
     provider = m.provider
     request["route"] = f"/proxy/{provider.name}/{m.route.path}"
     consumer = request["consumer"] = consumer_of(request)
-    state.check_audit()
+    audit.check_audit()
     started = time.perf_counter()
     ex: Exchange = {"status": None, "bytes_out": 0, "outcome": "ok", "secret_ref": None,
                     "lease_id": None, "model": m.params.get("model")}
     tap: UsageTap | None = None
     reservation: Reservation | None = None
     try:
-        body = await read_body(request, state.config.max_body_bytes,
+        body = await read_body(request, config.config.max_body_bytes,
                                "[limits] max_body_bytes in config.toml")
         doc = _json(request, body)
         ex["model"] = request_model(m.params, doc)
-        ref = ex["secret_ref"] = _secret_ref(request, state, provider)
+        ref = ex["secret_ref"] = _secret_ref(request, cache, provider)
         try:
-            version = state.secret_version(ref)
+            version = cache.secret_version(ref)
         except SecretNotFound as exc:
             raise SecretUnavailable(exc.message) from None
-        lease = state.access.acquire(
+        lease = request.app[ACCESS].acquire(
             AccessRequest(consumer, ref, m.route.purpose, "http_header_inject", provider.host),
             version, provider=provider.name, route=m.route.path)
         request["lease_id"] = ex["lease_id"] = lease.lease_id
-        key = state.value(ref, version)
+        key = cache.value(ref, version)
         if UNSENDABLE.search(key):
             raise SecretUnavailable(f"the value of @{ref} holds a control character (a line "
                                     "break, NUL, ...) and cannot be sent in a header; replace it "
@@ -173,10 +177,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         url = URL(provider.upstream_url(m.path, query), encoded=True)
         fmt = provider.usage_format(m.route)
         estimate = estimate_tokens(body, doc)
-        reservation = state.reserve_budget(request["principal"], estimate)
+        reservation = spending.reserve_budget(request["principal"], estimate)
         headers = upstream_headers(request.headers, provider, key, withheld)
-        scrub = _scrub_request(request, headers, state)
-        response, tap = await _forward(request, state, url, headers, body, ex,
+        scrub = _scrub_request(request, headers, cache)
+        response, tap = await _forward(request, request.app[UPSTREAM], url, headers, body, ex,
                                        None if fmt == "none" else fmt, scrub)
         if tap is not None:
             tap.finish()
@@ -191,11 +195,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         usage = tap.usage if tap is not None else Usage()
         failed = ex["outcome"] != "ok" or (ex["status"] or 0) >= 400
         if reservation is not None:  # unknown usage from a reached upstream costs the estimate
-            state.budgets.settle(reservation, usage.total if usage.known
+            spending.budgets.settle(reservation, usage.total if usage.known
                                  else (reservation.estimate if ex["status"] else 0))
-        state.usage.record(consumer, provider.name, ex["model"], m.route.path, utc_day(), usage,
+        spending.usage.record(consumer, provider.name, ex["model"], m.route.path, utc_day(), usage,
                            failed)
-        state.record_safely(
+        audit.record_safely(
             "proxy.request", consumer=consumer, purpose=m.route.purpose, provider=provider.name,
             route=m.route.path, duration_ms=round((time.perf_counter() - started) * 1000, 2),
             input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, **ex)
@@ -216,7 +220,7 @@ def with_route_query(query: str, fixed: tuple[tuple[str, str], ...]) -> str:
 
 
 def _scrub_request(request: web.Request, headers: CIMultiDict[str],
-                   state: BrokerState) -> list[str] | None:
+                   cache: SecretsCache) -> list[str] | None:
     """The stored values to scrub from the answer, where the caller (the MCP server) asks
     for it; the upstream is then asked for an unencoded answer, which can be scrubbed."""
     asked = request.headers.getall(SCRUB_HEADER, [])
@@ -225,7 +229,7 @@ def _scrub_request(request: web.Request, headers: CIMultiDict[str],
     if asked != ["values"]:
         raise UsageError(f"send {SCRUB_HEADER}: values, once")
     headers["Accept-Encoding"] = "identity"
-    return state.stored_values()
+    return cache.stored_values()
 
 
 async def _scrubbed(request: web.Request, upstream: aiohttp.ClientResponse,
@@ -252,11 +256,11 @@ async def _scrubbed(request: web.Request, upstream: aiohttp.ClientResponse,
     return response
 
 
-async def _forward(request: web.Request, state: BrokerState, url: URL,
+async def _forward(request: web.Request, session: aiohttp.ClientSession, url: URL,
                    headers: CIMultiDict[str], body: bytes, ex: Exchange, usage_format: str | None,
                    scrub: list[str] | None = None) -> tuple[web.StreamResponse, UsageTap | None]:
     try:
-        upstream = await state.upstream.request(request.method, url, headers=headers, data=body,
+        upstream = await session.request(request.method, url, headers=headers, data=body,
                                                 allow_redirects=False)
     except (TimeoutError, aiohttp.ServerTimeoutError):  # a timeout is also a connection error
         raise UpstreamTimeout(f"the upstream {url.host} did not answer in time") from None

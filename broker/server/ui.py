@@ -29,11 +29,9 @@ from broker.core.clock import rfc3339
 from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized, UsageError
 from broker.core.loopback import LOOPBACK_NAMES
-
-# The daemon imports this module for its guard; take the module, not names from it, so
-# either module may be imported first.
-from broker.server import app as daemon
 from broker.server.auth import presented_token
+from broker.server.inputs import json_body
+from broker.server.state import AUDIT, SERVER
 from broker.service.tokens import new_token
 
 PREFIX = "/ui/"
@@ -192,30 +190,29 @@ async def asset(request: web.Request) -> web.Response:
 
 async def mint_code(request: web.Request) -> web.Response:
     """For `secret-broker ui` (owner only): a one-time code and the URL that carries it."""
-    state = request.app[daemon.STATE]
-    state.record("ui.code_issued")  # no audit, no code
+    request.app[AUDIT].record("ui.code_issued")  # no audit, no code
     code, expires_at = request.app[LOGINS].mint_code()
-    return web.json_response({"code": code, "expires_at": rfc3339(expires_at),
-                              "url": f"{own_origin(state.listen)}{PREFIX}#code={code}"})
+    url = f"{own_origin(request.app[SERVER].listen)}{PREFIX}#code={code}"
+    return web.json_response({"code": code, "expires_at": rfc3339(expires_at), "url": url})
 
 
 async def start_session(request: web.Request) -> web.Response:
     """The page trades its login code (once) for a session token."""
-    state = request.app[daemon.STATE]
-    body = await daemon.json_body(request, LOGIN_LIMIT)
+    audit = request.app[AUDIT]
+    body = await json_body(request, LOGIN_LIMIT)
     code = body.get("code")
     if set(body) != {"code"} or not isinstance(code, str):
         raise UsageError('send {"code": "…"}, the code from `secret-broker ui`')
     if not _from_owner(request):
-        await state.refuse(request, "auth.failed", "login_code_peer_uid", 401)
+        await audit.refuse(request, "auth.failed", "login_code_peer_uid", 401)
         raise Unauthorized("a login code is taken only from a program of the user the broker "
                            "runs as: open the dashboard as that user")
     try:
         token, expires_at = request.app[LOGINS].redeem(code)
     except Unauthorized:
-        await state.refuse(request, "auth.failed", "login_code", 401)
+        await audit.refuse(request, "auth.failed", "login_code", 401)
         raise
-    state.record("ui.session_started", peer=request.remote)
+    audit.record("ui.session_started", peer=request.remote)
     return web.json_response({"token": token, "expires_at": rfc3339(expires_at)})
 
 
@@ -236,7 +233,7 @@ async def end_session(request: web.Request) -> web.Response:
     token = presented_token(request.headers, ("authorization",))
     if token is not None:  # always: the auth middleware let only a session token in
         request.app[LOGINS].end(token)
-    request.app[daemon.STATE].record("ui.session_ended", peer=request.remote)
+    request.app[AUDIT].record("ui.session_ended", peer=request.remote)
     return web.json_response({"ended": True})
 
 
@@ -244,21 +241,3 @@ async def secure_headers(request: web.Request, response: web.StreamResponse) -> 
     """On every /ui/ response, errors and refusals included."""
     if request.path.startswith(PREFIX):
         response.headers.update(HEADERS)
-
-
-def mount(app: web.Application) -> None:
-    """The page, its login, the admin and lease routes under /ui/api, and the code route."""
-    from broker.server import admin  # admin imports daemon by name; daemon imports this module
-
-    logins = app[LOGINS] = Logins()
-    app[daemon.STATE].auth.sessions = logins
-    r = app.router
-    for path in ASSETS:
-        r.add_get(PREFIX + path, asset)
-    r.add_post(SESSION, start_session)
-    r.add_delete(SESSION, end_session)
-    r.add_post(CODE, mint_code)
-    admin.add_routes(app, API.rstrip("/"))
-    r.add_get(f"{API}leases", daemon.list_leases)
-    r.add_delete(f"{API}leases/{{lease_id}}", daemon.revoke_lease)
-    app.on_response_prepare.append(secure_headers)

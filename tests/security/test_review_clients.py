@@ -256,7 +256,7 @@ async def test_mcp_answers_hold_no_stored_value_of_any_shape(
 
 def test_a_cut_answer_keeps_no_start_of_a_value() -> None:
     """Each form is replaced; where the answer was cut, a value's first bytes at its end go."""
-    from broker.cli.mcp import scrub_bytes
+    from broker.gateway.scrub import scrub_bytes
 
     value = "hunter2-plain~~~looking-value"
     encoded = base64.b64encode(value.encode())

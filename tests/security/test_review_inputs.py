@@ -23,7 +23,7 @@ import pytest
 
 from broker.config import ConfigError, parse_config
 from broker.gateway import usage
-from broker.server.app import JSON_LIMIT, VALUE_JSON_LIMIT
+from broker.server.inputs import JSON_LIMIT, VALUE_JSON_LIMIT
 from broker.server.ui import LOGIN_LIMIT
 from broker.service import secrets as service
 from broker.store.metadata import Metadata

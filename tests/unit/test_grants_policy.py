@@ -88,21 +88,27 @@ def test_refs_match_with_or_without_at(ref: str) -> None:
     assert allowed_by(AccessRequest("context-engine", env_ref, None, "env", None)).index == 1
 
 
+ASKED = ("consumer 'ugent-core', purpose 'llm.chat', delivery 'http_header_inject', "
+         "host 'api.openai.com'")
+
+
 def test_empty_grants_deny() -> None:
     """No grants (missing file) denies everything, naming the secret."""
     decision = decide((), request())
     assert isinstance(decision, Deny)
-    assert decision.reason == "no grant for secret 'openai_api_key'"
+    assert decision.reason == f"no grant for secret 'openai_api_key' (asked: {ASKED})"
 
 
 def test_unknown_secret_is_denied() -> None:
     """A secret no grant mentions is denied, naming it."""
-    assert denial(request(ref="@anthropic_key")) == "no grant for secret 'anthropic_key'"
+    assert denial(request(ref="@anthropic_key")) == (
+        f"no grant for secret 'anthropic_key' (asked: {ASKED})")
 
 
 def test_refs_are_case_sensitive() -> None:
     """Refs are exact names: a different case is a different secret."""
-    assert denial(request(ref="OpenAI_API_Key")) == "no grant for secret 'OpenAI_API_Key'"
+    assert denial(request(ref="OpenAI_API_Key")) == (
+        f"no grant for secret 'OpenAI_API_Key' (asked: {ASKED})")
 
 
 def test_other_consumer_is_denied() -> None:

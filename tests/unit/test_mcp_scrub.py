@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 
-from broker.cli.mcp import REDACTED, error_parts, read_answer, scrub, secret_forms
+from broker.cli.mcp import error_parts, read_answer
+from broker.gateway.scrub import REDACTED, scrub, secret_forms
 
 TOKEN = "sbc_" + "Zm9vYmFy-_" * 4
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from mcp.server.mcpserver.exceptions import ToolError
 
-from broker.cli.mcp import REDACTED, Tools, serve
+from broker.cli.mcp import Tools, serve
 from broker.core.errors import AuditUnavailable, BrokerError, Denied
+from broker.gateway.scrub import REDACTED
 
 TOKEN = "sbc_unit-test-token-0123456789abcdef"
 

@@ -266,5 +266,7 @@ def test_denials_come_with_a_grant_that_fixes_them() -> None:
     decision = decide(fixed, AccessRequest("context-engine", "openai_api_key", None, "env", None))
     assert isinstance(decision, Allow)
     assert env_denials(profile, ()) == {
-        "context_engine_service_tokens": "no grant for secret 'context_engine_service_tokens'",
-        "openai_api_key": "no grant for secret 'openai_api_key'"}
+        "context_engine_service_tokens": "no grant for secret 'context_engine_service_tokens' "
+                                         "(asked: consumer 'context-engine', delivery 'env')",
+        "openai_api_key": "no grant for secret 'openai_api_key' "
+                          "(asked: consumer 'context-engine', delivery 'env')"}

@@ -23,7 +23,7 @@ from broker.service.secrets import Service
 from tests.browser.conftest import Site, Watched
 from tests.browser.harness import explain, owner
 from tests.conftest import CANARY, CANARY_2, Cli, wait_for
-from tests.security.conftest import Reply, exchange, parse, request_bytes
+from tests.support.gateway import Reply, exchange, parse, request_bytes
 
 
 def http(site: Site, method: str, target: str, *headers: tuple[str, str],

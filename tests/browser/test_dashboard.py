@@ -25,6 +25,9 @@ from tests.browser.harness import explain, owner
 from tests.conftest import CANARY, CANARY_2, Cli, wait_for
 from tests.support.gateway import Reply, exchange, parse, request_bytes
 
+# One Chromium and one daemon serve the whole module: xdist keeps it on one worker.
+pytestmark = pytest.mark.xdist_group("browser")
+
 
 def http(site: Site, method: str, target: str, *headers: tuple[str, str],
          token: str | None = None, body: Any = None) -> Reply:

@@ -31,6 +31,12 @@ CANARY = "sk-canary-" + uuid.uuid4().hex
 CANARY_2 = "sk-canary2-" + uuid.uuid4().hex
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run `slow` tests first: under xdist one worker takes each while the others share the
+    rest, instead of one starting last and running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll until predicate() is truthy (no fixed sleeps); fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -31,6 +31,12 @@ CANARY = "sk-canary-" + uuid.uuid4().hex
 CANARY_2 = "sk-canary2-" + uuid.uuid4().hex
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run `slow` tests first: under xdist one worker takes each while the others share the
+    rest, instead of one starting last and running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll until predicate() is truthy (no fixed sleeps); fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -89,6 +95,17 @@ def cli(home: Path) -> Cli:
     c = Cli(home, base_env(home))
     c.ok("init", "--backend", "file-vault")
     return c
+
+
+@pytest.fixture
+def session_bus() -> None:
+    """Fail (never skip) without the Secret Service that scripts/test starts."""
+    if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        pytest.fail("needs a D-Bus session with a Secret Service: run the tests with "
+                    "scripts/test (or dbus-run-session -- scripts/with-keyring pytest …)")
+
+
+needs_secret_service = pytest.mark.usefixtures("session_bus")
 
 
 @dataclass
@@ -180,28 +197,41 @@ def scan(texts: list[str] | str, *needles: str) -> list[str]:
 @pytest.fixture
 def standins() -> Iterator[dict[str, Any]]:
     """One started stand-in upstream per provider, each expecting its real key."""
-    from tests.support.gateway import PROVIDERS, real_key
-    from tests.support.standins import StandIn
+    from tests.support.gateway import start_standins, stop_standins
 
-    started = {p: StandIn(p, real_key(p)).start() for p in PROVIDERS}
+    started = start_standins()
     yield started
-    for s in started.values():
-        s.stop()
+    stop_standins(started)
 
 
 @pytest.fixture
 def gateway(cli: Cli, standins: dict[str, Any]) -> Iterator[Any]:
-    """A daemon whose providers point at the stand-ins, one secret and grant for each."""
-    from tests.support.gateway import PROVIDERS, Gateway, configure, real_key
+    """A daemon whose providers point at the stand-ins, each provider's key granted to the
+    default consumer, for one test."""
+    from tests.support.gateway import kill, launch
 
-    for p in PROVIDERS:
-        cli.add(f"@{p}_api_key", real_key(p), provider=p)
-    configure(cli, standins)
-    d = start_daemon(cli.home, cli.env)
-    yield Gateway(cli, d, standins)
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    b = launch(cli, standins)
+    yield b
+    kill(b.daemon)
+
+
+@pytest.fixture(scope="module")
+def module_home() -> Iterator[Cli]:
+    """A fresh file-vault home shared by one module's tests (one daemon, many attacks)."""
+    root = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
+    c = Cli(root / "h", base_env(root / "h"))
+    c.ok("init", "--backend", "file-vault")
+    yield c
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def gw(shared: Any) -> Any:
+    """The module's own `shared` broker, alive, with the stand-ins' records cleared."""
+    assert shared.daemon.proc.poll() is None, shared.log()
+    for s in shared.standins.values():
+        s.clear()
+    return shared
 
 
 @contextmanager
@@ -229,3 +259,21 @@ def move_audit_log(home: Path, directory: Path) -> Path:
     (home / "audit.log").unlink()
     (home / "audit.log").symlink_to(target)
     return target
+
+
+@contextmanager
+def ext4_image(size: str = "8M") -> Iterator[Path]:
+    """A small loop-mounted ext4 file system: there `chattr +i` makes even an already open
+    file refuse writes (EPERM), which tmpfs does not enforce."""
+    work = Path(tempfile.mkdtemp(prefix="sb-img-", dir="/tmp"))
+    image, mnt = work / "fs.img", work / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(mnt)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -4,18 +4,15 @@ context per test that records everything the pages saw (for the canary scans).""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Error, Page, Response
 
 from tests.browser.harness import chromium, login_url, seed, sign_in
-from tests.conftest import CANARY, Cli, Daemon, base_env, scan, start_daemon
+from tests.conftest import CANARY, Cli, Daemon, scan, start_daemon
 
 KEYS = {"openai_api_key": ("openai", f"{CANARY}-openai"),
         "jina_api_key": ("jina", f"{CANARY}-jina")}
@@ -77,15 +74,12 @@ class Watched:
 
 
 @pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    root = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
-    cli = Cli(root / "h", base_env(root / "h"))
-    cli.ok("init", "--backend", "file-vault")
-    seed(cli, KEYS)
-    daemon = start_daemon(cli.home, cli.env)
-    yield Site(cli, daemon)
+def site(module_home: Cli) -> Iterator[Site]:
+    """The module's home holding the canary keys, and its daemon."""
+    seed(module_home, KEYS)
+    daemon = start_daemon(module_home.home, module_home.env)
+    yield Site(module_home, daemon)
     daemon.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from broker.client import BrokerClient
 from broker.gateway.usage import UsageRow
 from broker.store.metadata import Metadata
 from tests.conftest import Cli, Daemon, grant, write_grants
-from tests.security.conftest import add_secrets
+from tests.support.gateway import add_secrets
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -24,7 +24,10 @@ from broker.service.secrets import Secrets
 from tests.browser.conftest import Site, Watched
 from tests.browser.harness import explain, owner
 from tests.conftest import CANARY, CANARY_2, Cli, wait_for
-from tests.security.conftest import Reply, exchange, parse, request_bytes
+from tests.support.gateway import Reply, exchange, parse, request_bytes
+
+# One Chromium and one daemon serve the whole module: xdist keeps it on one worker.
+pytestmark = pytest.mark.xdist_group("browser")
 
 
 def http(site: Site, method: str, target: str, *headers: tuple[str, str],
@@ -230,7 +233,9 @@ def test_grants_audit_and_usage_pages(site: Site, watched: Watched) -> None:
     audit.get_by_role("button", name="Show").click()
     secrets = page.locator("#audit-table tbody tr td:nth-child(5)")
     expect(secrets.first).to_have_text("@jina_api_key")
-    assert set(secrets.all_text_contents()) == {"@jina_api_key"}
+    # The first row may still be the unfiltered table's: poll until the filtered one is in.
+    wait_for(lambda: set(secrets.all_text_contents()) == {"@jina_api_key"}, timeout=10,
+             what="the audit table filtered to @jina_api_key")
 
     page.get_by_role("tab", name="Usage").click()
     chart = page.locator("#usage-chart svg")

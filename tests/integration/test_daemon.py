@@ -75,7 +75,7 @@ def test_missing_wrong_and_rotated_tokens_are_401_and_audited(granted: Cli,
 
 
 @pytest.mark.parametrize("headers, code", [
-    ({"Host": "evil.example:18443"}, "host_header_refused"),
+    ({"Host": "evil.example:28443"}, "host_header_refused"),
     ({"Host": "127.0.0.1.nip.io"}, "host_header_refused"),
     ({"Origin": "http://evil.example"}, "origin_not_allowed"),
     ({"Origin": "null"}, "origin_not_allowed"),

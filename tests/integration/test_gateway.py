@@ -17,14 +17,14 @@ import voyageai.error
 from google.genai import errors as genai_errors
 
 from tests.conftest import Cli, scan, start_daemon, wait_for
-from tests.support.gateway import JINA_BODY, PROVIDERS, Gateway, configure, real_key
+from tests.support.gateway import JINA_BODY, PROVIDERS, Broker, configure, real_key
 from tests.support.sdk_clients import genai_client, jina_post, openai_client, voyage_client
 from tests.support.standins import StandIn
 
 # --- OpenAI -----------------------------------------------------------------------------------
 
 
-def test_openai_sync_chat_responses_embeddings(gateway: Gateway) -> None:
+def test_openai_sync_chat_responses_embeddings(gateway: Broker) -> None:
     """Chat, Responses and embeddings work through the broker with the broker token as key."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
     stand = gateway.standins["openai"]
@@ -43,7 +43,7 @@ def test_openai_sync_chat_responses_embeddings(gateway: Gateway) -> None:
     assert events[0]["input_tokens"] == stand.input_tokens
 
 
-def test_openai_streaming_chat_and_responses_helper(gateway: Gateway) -> None:
+def test_openai_streaming_chat_and_responses_helper(gateway: Broker) -> None:
     """Chat streaming and the `responses.stream()` helper arrive whole, chunk by chunk."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
     stand = gateway.standins["openai"]
@@ -58,7 +58,7 @@ def test_openai_streaming_chat_and_responses_helper(gateway: Gateway) -> None:
     gateway.assert_only_real_key_upstream("openai")
 
 
-async def test_openai_async_chat_stream_and_embeddings(gateway: Gateway) -> None:
+async def test_openai_async_chat_stream_and_embeddings(gateway: Broker) -> None:
     """The async client streams and embeds through the broker too."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token, async_=True)
     stand = gateway.standins["openai"]
@@ -75,7 +75,7 @@ async def test_openai_async_chat_stream_and_embeddings(gateway: Gateway) -> None
     gateway.assert_only_real_key_upstream("openai")
 
 
-def test_openai_denied_raises_permission_error_without_upstream(gateway: Gateway) -> None:
+def test_openai_denied_raises_permission_error_without_upstream(gateway: Broker) -> None:
     """An ungranted consumer gets the SDK's PermissionDeniedError; upstream sees nothing."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token,
                            default_headers={"X-Broker-Consumer": "stranger"})
@@ -86,7 +86,7 @@ def test_openai_denied_raises_permission_error_without_upstream(gateway: Gateway
     assert gateway.standins["openai"].requests == []
 
 
-def test_wrong_broker_token_is_authentication_error(gateway: Gateway) -> None:
+def test_wrong_broker_token_is_authentication_error(gateway: Broker) -> None:
     """A wrong broker token is the SDK's AuthenticationError, never forwarded."""
     client = openai_client(gateway.root("openai"), "sbt_not-the-token")
     with pytest.raises(openai.AuthenticationError):
@@ -98,7 +98,7 @@ def test_wrong_broker_token_is_authentication_error(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("version", ["v1", "v1beta"])
-def test_google_generate_and_stream_sync(gateway: Gateway, version: str) -> None:
+def test_google_generate_and_stream_sync(gateway: Broker, version: str) -> None:
     """google-genai generate and stream, on v1 and v1beta, with the key as x-goog-api-key."""
     client = genai_client(gateway.root("google"), gateway.daemon.token, api_version=version)
     stand = gateway.standins["google"]
@@ -113,7 +113,7 @@ def test_google_generate_and_stream_sync(gateway: Gateway, version: str) -> None
 
 
 @pytest.mark.parametrize("version", ["v1", "v1beta"])
-async def test_google_generate_and_stream_async(gateway: Gateway, version: str) -> None:
+async def test_google_generate_and_stream_async(gateway: Broker, version: str) -> None:
     """The async google-genai client (aiohttp underneath) works through the broker."""
     client = genai_client(gateway.root("google"), gateway.daemon.token, api_version=version)
     stand = gateway.standins["google"]
@@ -125,7 +125,7 @@ async def test_google_generate_and_stream_async(gateway: Gateway, version: str) 
     gateway.assert_only_real_key_upstream("google")
 
 
-def test_google_denied_is_client_error_403(gateway: Gateway) -> None:
+def test_google_denied_is_client_error_403(gateway: Broker) -> None:
     """A denial reaches google-genai as its own ClientError with a 403 in Google's shape."""
     client = genai_client(gateway.root("google"), gateway.daemon.token,
                           headers={"X-Broker-Consumer": "stranger"})
@@ -138,7 +138,7 @@ def test_google_denied_is_client_error_403(gateway: Gateway) -> None:
 # --- Voyage and Jina --------------------------------------------------------------------------
 
 
-def test_voyage_embed_and_rerank(gateway: Gateway) -> None:
+def test_voyage_embed_and_rerank(gateway: Broker) -> None:
     """voyageai embed and rerank go through with the real key."""
     client = voyage_client(gateway.root("voyage"), gateway.daemon.token)
     emb = client.embed(["a", "b"], model="voyage-3")
@@ -148,7 +148,7 @@ def test_voyage_embed_and_rerank(gateway: Gateway) -> None:
     gateway.assert_only_real_key_upstream("voyage")
 
 
-async def test_voyage_async_and_denied(gateway: Gateway) -> None:
+async def test_voyage_async_and_denied(gateway: Broker) -> None:
     """The async voyage client works; a denied rerank raises voyageai's own error."""
     client = voyage_client(gateway.root("voyage"), gateway.daemon.token, async_=True)
     emb = await client.embed(["a"], model="voyage-3")
@@ -158,7 +158,7 @@ async def test_voyage_async_and_denied(gateway: Gateway) -> None:
         await client.rerank("q", ["d"], model="rerank-2")
 
 
-def test_jina_embeddings_and_rerank_over_http(gateway: Gateway) -> None:
+def test_jina_embeddings_and_rerank_over_http(gateway: Broker) -> None:
     """Jina's HTTP API, called with the broker token, answers with the real key upstream."""
     status, _, body = jina_post(gateway.root("jina"), gateway.daemon.token, "v1/embeddings",
                                 {"model": "jina-embeddings-v3", "input": ["a"]})
@@ -170,7 +170,7 @@ def test_jina_embeddings_and_rerank_over_http(gateway: Gateway) -> None:
     gateway.assert_only_real_key_upstream("jina")
 
 
-def test_jina_denied_is_detail_shaped(gateway: Gateway) -> None:
+def test_jina_denied_is_detail_shaped(gateway: Broker) -> None:
     """Jina and Voyage errors use {"detail": …}."""
     status, headers, body = jina_post(gateway.root("jina"), gateway.daemon.token, "v1/embeddings",
                                       JINA_BODY, headers={"X-Broker-Consumer": "nobody"})
@@ -181,7 +181,7 @@ def test_jina_denied_is_detail_shaped(gateway: Gateway) -> None:
 # --- streaming behaviour ------------------------------------------------------------------------
 
 
-def test_first_chunk_arrives_before_the_last_is_sent(gateway: Gateway) -> None:
+def test_first_chunk_arrives_before_the_last_is_sent(gateway: Broker) -> None:
     """Unbuffered: with pauses upstream, the caller holds chunk 1 before chunk N exists."""
     stand = gateway.standins["openai"]
     stand.chunk_delay, stand.n_chunks = 0.2, 6
@@ -193,7 +193,7 @@ def test_first_chunk_arrives_before_the_last_is_sent(gateway: Gateway) -> None:
     assert arrivals[0] < stand.sent_at[-1]  # an ordering fact, not a timing threshold
 
 
-def test_client_disconnect_cancels_upstream(gateway: Gateway) -> None:
+def test_client_disconnect_cancels_upstream(gateway: Broker) -> None:
     """A caller that goes away mid-stream makes the broker drop the upstream request."""
     stand = gateway.standins["openai"]
     stand.chunk_delay, stand.n_chunks = 0.3, 50
@@ -207,7 +207,7 @@ def test_client_disconnect_cancels_upstream(gateway: Gateway) -> None:
                          for e in gateway.audit("proxy.request")), what="the audit event")
 
 
-def test_upstream_reset_mid_stream_reaches_the_caller(gateway: Gateway) -> None:
+def test_upstream_reset_mid_stream_reaches_the_caller(gateway: Broker) -> None:
     """An upstream that dies mid-stream cuts the caller's connection (no silent truncation)."""
     stand = gateway.standins["openai"]
     stand.n_chunks, stand.reset_after = 10, 2
@@ -221,7 +221,7 @@ def test_upstream_reset_mid_stream_reaches_the_caller(gateway: Gateway) -> None:
                          for e in gateway.audit("proxy.request")), what="the audit event")
 
 
-def test_gzip_passes_through_byte_for_byte(gateway: Gateway) -> None:
+def test_gzip_passes_through_byte_for_byte(gateway: Broker) -> None:
     """Content-Encoding and the compressed bytes reach the caller untouched."""
     stand = gateway.standins["jina"]
     stand.gzip = True
@@ -232,7 +232,7 @@ def test_gzip_passes_through_byte_for_byte(gateway: Gateway) -> None:
     assert body == stand.last_gzip_body
 
 
-def test_sigterm_lets_an_inflight_stream_finish(gateway: Gateway) -> None:
+def test_sigterm_lets_an_inflight_stream_finish(gateway: Broker) -> None:
     """SIGTERM during a streamed request: the stream completes, then the broker exits 0."""
     stand = gateway.standins["openai"]
     stand.chunk_delay, stand.n_chunks = 0.2, 8
@@ -259,7 +259,7 @@ def test_sigterm_lets_an_inflight_stream_finish(gateway: Gateway) -> None:
     "/proxy/nope/v1/chat/completions",
     "/proxy/openai/v1/chat\\completions",
 ])
-def test_traversal_and_unknown_paths_are_404_before_upstream(gateway: Gateway, path: str) -> None:
+def test_traversal_and_unknown_paths_are_404_before_upstream(gateway: Broker, path: str) -> None:
     """Paths that normalise outside the route table are 404 with no upstream I/O."""
     import http.client
 
@@ -271,7 +271,7 @@ def test_traversal_and_unknown_paths_are_404_before_upstream(gateway: Gateway, p
     assert all(s.requests == [] for s in gateway.standins.values())
 
 
-def test_doubled_slashes_collapse_to_the_route(gateway: Gateway) -> None:
+def test_doubled_slashes_collapse_to_the_route(gateway: Broker) -> None:
     """`//` is collapsed, so the request still reaches the one route it names."""
     status, _, _ = jina_post(gateway.daemon.url + "/proxy//jina/", gateway.daemon.token,
                              "/v1//embeddings", JINA_BODY)
@@ -279,7 +279,7 @@ def test_doubled_slashes_collapse_to_the_route(gateway: Gateway) -> None:
     assert gateway.standins["jina"].last.path == "/v1/embeddings"
 
 
-def test_get_on_a_post_route_is_405(gateway: Gateway) -> None:
+def test_get_on_a_post_route_is_405(gateway: Broker) -> None:
     """Methods other than the route's are 405."""
     import urllib.error
     import urllib.request
@@ -291,7 +291,7 @@ def test_get_on_a_post_route_is_405(gateway: Gateway) -> None:
     assert exc.value.code == 405
 
 
-def test_caller_credentials_never_reach_upstream(gateway: Gateway) -> None:
+def test_caller_credentials_never_reach_upstream(gateway: Broker) -> None:
     """`?key=`, x-goog-api-key, X-Broker-*, Connection-named and org headers are stripped."""
     client = genai_client(gateway.root("google"), gateway.daemon.token,
                           headers={"X-Broker-Extra": "x", "OpenAI-Organization": "org-evil",
@@ -346,7 +346,7 @@ def test_upstream_5xx_and_hang(cli: Cli, standins: dict[str, StandIn]) -> None:
         d.stop()
 
 
-async def test_concurrent_first_requests_mint_one_lease(gateway: Gateway) -> None:
+async def test_concurrent_first_requests_mint_one_lease(gateway: Broker) -> None:
     """20 concurrent first requests for one (consumer, secret, purpose, host) share a lease."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token, async_=True)
     results = await asyncio.gather(*[client.embeddings.create(model="m", input="a")
@@ -358,7 +358,7 @@ async def test_concurrent_first_requests_mint_one_lease(gateway: Gateway) -> Non
     assert {e["lease_id"] for e in gateway.audit("proxy.request")} == {issued[0]["lease_id"]}
 
 
-def test_no_key_or_token_in_logs_or_audit(gateway: Gateway) -> None:
+def test_no_key_or_token_in_logs_or_audit(gateway: Broker) -> None:
     """After a session of proxied calls, neither log nor audit holds a key or the token."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
@@ -368,7 +368,7 @@ def test_no_key_or_token_in_logs_or_audit(gateway: Gateway) -> None:
     assert scan(texts, *(real_key(p) for p in PROVIDERS), gateway.daemon.token) == []
 
 
-def test_every_use_updates_last_used(gateway: Gateway) -> None:
+def test_every_use_updates_last_used(gateway: Broker) -> None:
     """last_used_at moves with each proxied use, not only the first (cached) read."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
 

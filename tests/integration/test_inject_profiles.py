@@ -49,7 +49,7 @@ mcp:
 SERVICE_CONFIG = """\
 [openai]\r
 api_key = "{{ @openai_api_key }}"\r
-base_url = "http://127.0.0.1:18443/proxy/openai/v1"\r
+base_url = "http://127.0.0.1:28443/proxy/openai/v1"\r
 """
 
 PROFILES = """\

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -20,22 +19,11 @@ from typing import Any
 import pytest
 
 from broker.store.keychain import HOME_KEY
-from tests.conftest import CANARY, CANARY_2, Cli, base_env, scan
+from tests.conftest import CANARY, CANARY_2, Cli, base_env, needs_secret_service, scan
 
 NO_BUS = {"DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent/bus"}
 PRINT_V = ["sh", "-c", 'printf %s "$V"']
 
-
-
-@pytest.fixture
-def session_bus() -> None:
-    """Fail (never skip) without the Secret Service that scripts/test starts."""
-    if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
-        pytest.fail("needs a D-Bus session with a Secret Service: run the tests with "
-                    "scripts/test (or dbus-run-session -- scripts/with-keyring pytest …)")
-
-
-needs_secret_service = pytest.mark.usefixtures("session_bus")
 
 
 def instance_id(home: Path) -> str:

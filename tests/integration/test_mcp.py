@@ -15,8 +15,8 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import CallToolResult
 
 from broker.core.errors import UsageError
-from tests.conftest import CANARY, Cli, scan, wait_for, write_grants
-from tests.support.gateway import PROVIDERS, Gateway, configure, real_key
+from tests.conftest import CANARY, Cli, grant, scan, wait_for, write_grants
+from tests.support.gateway import PROVIDERS, Broker, configure, real_key
 from tests.support.standins import StandIn
 
 TOOLS = {"list_secrets", "explain_access", "call_provider", "usage"}
@@ -65,19 +65,17 @@ def create_token(cli: Cli, consumer: str) -> str:
     return str(json.loads(cli.ok("token", "create", "--consumer", consumer, "--json"))["token"])
 
 
-def grant_openai_to(gateway: Gateway, consumer: str) -> None:
+def grant_openai_to(gateway: Broker, consumer: str) -> None:
     """`consumer` may use openai; `other` may use jina; nobody else anything."""
     hosts = {p: gateway.standins[p].host for p in ("openai", "jina")}
     write_grants(gateway.cli.home, "".join(
-        f'[[grants]]\nsecret_ref = "{p}_api_key"\nconsumer = "{who}"\n'
-        f'purposes = ["llm.chat", "llm.embeddings"]\ndelivery = ["http_header_inject"]\n'
-        f'allowed_hosts = ["{hosts[p]}"]\nttl_secs = 300\n\n'
+        grant(f"{p}_api_key", who, delivery='"http_header_inject"', hosts=f'"{hosts[p]}"')
         for p, who in (("openai", consumer), ("jina", "other"))))
     client = gateway.daemon.client(unix=True)
     wait_for(lambda: client.status()["grants"]["count"] == 2, timeout=10, what="grants reload")
 
 
-def never_seen(gateway: Gateway, token: str) -> list[str]:
+def never_seen(gateway: Broker, token: str) -> list[str]:
     """Every stored value, the bootstrap token, and the consumer token in the forms scrubbed."""
     raw = token.encode()
     return [*(real_key(p) for p in PROVIDERS), gateway.daemon.token, token,
@@ -111,7 +109,7 @@ async def test_without_a_consumer_token_every_tool_is_refused(cli: Cli, token: s
         assert scan(a.everything(), bootstrap) == []
 
 
-async def test_an_agent_uses_its_grants_through_the_gateway(gateway: Gateway,
+async def test_an_agent_uses_its_grants_through_the_gateway(gateway: Broker,
                                                             standins: dict[str, StandIn]) -> None:
     """Found via config.toml's listen: list, explain, call (plain and streamed), usage, audit."""
     configure(gateway.cli, standins,
@@ -169,7 +167,7 @@ async def test_an_agent_uses_its_grants_through_the_gateway(gateway: Gateway,
     assert scan([*a.everything(), gateway.daemon.log()], *never_seen(gateway, token)) == []
 
 
-async def test_answers_are_scrubbed_and_capped(gateway: Gateway,
+async def test_answers_are_scrubbed_and_capped(gateway: Broker,
                                                standins: dict[str, StandIn]) -> None:
     """An upstream echoing key shapes and the token is scrubbed; a huge answer is cut."""
     grant_openai_to(gateway, "agent-a")

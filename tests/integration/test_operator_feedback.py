@@ -8,22 +8,22 @@ import signal
 from typing import Any
 
 from tests.conftest import wait_for, write_grants
-from tests.support.gateway import JINA_BODY, Gateway, configure, real_key
+from tests.support.gateway import JINA_BODY, Broker, configure, real_key
 from tests.support.sdk_clients import jina_post
 from tests.support.standins import StandIn
 
 
-def _embed(gateway: Gateway) -> tuple[int, Any]:
+def _embed(gateway: Broker) -> tuple[int, Any]:
     status, _, body = jina_post(gateway.root("jina"), gateway.daemon.token, "v1/embeddings",
                                 JINA_BODY)
     return status, json.loads(body)
 
 
-def _config_status(gateway: Gateway) -> dict[str, Any]:
+def _config_status(gateway: Broker) -> dict[str, Any]:
     return dict(gateway.daemon.client(unix=True).status()["config"])
 
 
-def test_denial_without_any_grant_names_request_file_and_explain(gateway: Gateway) -> None:
+def test_denial_without_any_grant_names_request_file_and_explain(gateway: Broker) -> None:
     """An empty grants file: the 403 names consumer, purpose, delivery, host, the grants
     file and the `grants explain` command to run."""
     write_grants(gateway.cli.home, "")
@@ -38,7 +38,7 @@ def test_denial_without_any_grant_names_request_file_and_explain(gateway: Gatewa
         assert part in message, part
 
 
-def test_sighup_reloads_a_providers_base_url(gateway: Gateway) -> None:
+def test_sighup_reloads_a_providers_base_url(gateway: Broker) -> None:
     """After config.toml points jina elsewhere, status says the file changed; SIGHUP loads
     it and the next request goes to the new upstream."""
     assert _embed(gateway)[0] == 200
@@ -57,7 +57,7 @@ def test_sighup_reloads_a_providers_base_url(gateway: Gateway) -> None:
     assert gateway.audit("config.reloaded")
 
 
-def test_sighup_with_an_invalid_config_keeps_the_old_one(gateway: Gateway) -> None:
+def test_sighup_with_an_invalid_config_keeps_the_old_one(gateway: Broker) -> None:
     """A config.toml that fails validation on SIGHUP: the daemon keeps serving with the
     config it had, logs and audits the error, and status still says the file changed."""
     config = gateway.cli.home / "config.toml"
@@ -71,7 +71,7 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(gateway: Gateway) -> No
     assert _embed(gateway)[0] == 200
 
 
-def test_sighup_names_settings_that_need_a_restart(gateway: Gateway) -> None:
+def test_sighup_names_settings_that_need_a_restart(gateway: Broker) -> None:
     """A changed [limits] header_timeout_secs cannot apply to bound sockets: status and the
     audit say a restart is needed, and the live settings still apply."""
     config = gateway.cli.home / "config.toml"

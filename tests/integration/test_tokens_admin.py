@@ -10,22 +10,16 @@ import pytest
 
 from broker.client import BrokerClient
 from broker.core.errors import BrokerError, Forbidden, Unauthorized
-from tests.conftest import CANARY, CANARY_2, Cli, scan, wait_for, write_grants
-from tests.support.gateway import Gateway
+from tests.conftest import CANARY, CANARY_2, Cli, grant, scan, wait_for, write_grants
+from tests.support.gateway import Broker
 from tests.support.sdk_clients import openai_client
 
 
-def grant_for(gateway: Gateway, consumer: str) -> None:
+def grant_for(gateway: Broker, consumer: str) -> None:
     host = gateway.standins["openai"].host
-    write_grants(gateway.cli.home, f"""
-[[grants]]
-secret_ref = "openai_api_key"
-consumer = "{consumer}"
-purposes = ["llm.chat", "llm.embeddings"]
-delivery = ["http_header_inject", "native"]
-allowed_hosts = ["{host}"]
-ttl_secs = 300
-""")
+    write_grants(gateway.cli.home, grant("openai_api_key", consumer,
+                                         delivery='"http_header_inject", "native"',
+                                         hosts=f'"{host}"'))
     client = gateway.daemon.client(unix=True)
     wait_for(lambda: client.status()["grants"]["count"] == 1, timeout=5, what="grants reload")
 
@@ -34,7 +28,7 @@ def create_token(cli: Cli, consumer: str, *extra: str) -> dict[str, Any]:
     return dict(json.loads(cli.ok("token", "create", "--consumer", consumer, "--json", *extra)))
 
 
-def test_consumer_token_with_the_openai_sdk(gateway: Gateway) -> None:
+def test_consumer_token_with_the_openai_sdk(gateway: Broker) -> None:
     """A granted consumer's own token works; upstream sees only the real key."""
     grant_for(gateway, "agent-a")
     token = create_token(gateway.cli, "agent-a")
@@ -47,7 +41,7 @@ def test_consumer_token_with_the_openai_sdk(gateway: Gateway) -> None:
     assert issued[-1]["consumer"] == "agent-a"
 
 
-def test_another_consumers_token_is_denied_before_upstream(gateway: Gateway) -> None:
+def test_another_consumers_token_is_denied_before_upstream(gateway: Broker) -> None:
     """A token for an ungranted consumer gets the SDK's permission error; nothing is sent."""
     grant_for(gateway, "agent-a")
     other = create_token(gateway.cli, "agent-b")
@@ -57,7 +51,7 @@ def test_another_consumers_token_is_denied_before_upstream(gateway: Gateway) -> 
     assert gateway.standins["openai"].requests == []
 
 
-def test_claiming_another_consumer_is_refused(gateway: Gateway) -> None:
+def test_claiming_another_consumer_is_refused(gateway: Broker) -> None:
     """X-Broker-Consumer naming someone else is 403 consumer_mismatch; its own name is fine."""
     grant_for(gateway, "agent-a")
     token = create_token(gateway.cli, "agent-b")["token"]
@@ -73,7 +67,7 @@ def test_claiming_another_consumer_is_refused(gateway: Gateway) -> None:
     assert len(gateway.standins["openai"].requests) == 1
 
 
-def test_revoked_token_fails_at_once_and_its_leases_end(gateway: Gateway) -> None:
+def test_revoked_token_fails_at_once_and_its_leases_end(gateway: Broker) -> None:
     """After `token revoke`, the next call is 401 and the consumer's leases are gone."""
     grant_for(gateway, "agent-a")
     token = create_token(gateway.cli, "agent-a")
@@ -93,7 +87,7 @@ def test_revoked_token_fails_at_once_and_its_leases_end(gateway: Gateway) -> Non
                 token["token"]) == []
 
 
-def test_expired_token_stops_working(gateway: Gateway) -> None:
+def test_expired_token_stops_working(gateway: Broker) -> None:
     """A token created with --ttl 1s is refused once its time is up."""
     grant_for(gateway, "agent-a")
     token = create_token(gateway.cli, "agent-a", "--ttl", "1s")
@@ -109,7 +103,7 @@ def test_expired_token_stops_working(gateway: Gateway) -> None:
     wait_for(refused, timeout=10, what="the token to expire")
 
 
-def test_consumer_token_cannot_reach_admin_routes(gateway: Gateway) -> None:
+def test_consumer_token_cannot_reach_admin_routes(gateway: Broker) -> None:
     """Consumer tokens get 403 owner_only on /v1/admin/…, whatever consumer they hold."""
     token = create_token(gateway.cli, "agent-a")["token"]
     client = BrokerClient(url=gateway.daemon.url, token=token)
@@ -138,9 +132,8 @@ def test_admin_round_trip(cli: Cli, daemon_factory: Any, transport: str) -> None
     assert [s["ref"] for s in call("GET", "/v1/admin/secrets")["secrets"]] == ["openai_api_key"]
     assert call("GET", "/v1/admin/secrets/openai_api_key")["fingerprint"].startswith("hmac")
     assert call("PUT", "/v1/admin/secrets/@openai_api_key", {"value": CANARY_2})["version"] == 2
-    write_grants(d.home, '[[grants]]\nsecret_ref = "openai_api_key"\nconsumer = "a"\n'
-                 'purposes = ["llm.chat"]\ndelivery = ["native"]\nallowed_hosts = ["x.io"]\n'
-                 "ttl_secs = 60\n")
+    write_grants(d.home, grant("openai_api_key", "a", purposes='"llm.chat"', delivery='"native"',
+                               hosts='"x.io"', ttl=60))
     wait_for(lambda: call("GET", "/v1/admin/grants")["grants"], timeout=5, what="reload")
     allow = call("POST", "/v1/admin/grants/explain", {
         "consumer": "a", "secret_ref": "@openai_api_key", "purpose": "llm.chat",
@@ -196,9 +189,8 @@ def test_same_mistakes_same_errors(cli: Cli, daemon_factory: Any, cli_args: tupl
 
 def test_grants_explain_cli(cli: Cli) -> None:
     """`grants explain` is the CLI twin of the explain route: exit 0 allow, 4 deny."""
-    write_grants(cli.home, '[[grants]]\nsecret_ref = "k"\nconsumer = "a"\n'
-                 'purposes = ["llm.chat"]\ndelivery = ["native"]\nallowed_hosts = ["x.io"]\n'
-                 "ttl_secs = 60\n")
+    write_grants(cli.home, grant("k", "a", purposes='"llm.chat"', delivery='"native"',
+                                 hosts='"x.io"', ttl=60))
     out = cli.ok("grants", "explain", "--consumer", "a", "--secret", "@k", "--purpose",
                  "llm.chat", "--delivery", "native", "--json")
     assert json.loads(out)["grant"] == {"index": 0, "line": 1}

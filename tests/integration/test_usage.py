@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from broker.client import BrokerClient
-from tests.conftest import Cli, wait_for
-from tests.support.gateway import Gateway, configure
+from tests.conftest import Cli, grant, start_daemon, wait_for, write_grants
+from tests.support.gateway import Broker, configure, real_key
 from tests.support.sdk_clients import genai_client, jina_post, openai_client, voyage_client
 from tests.support.standins import StandIn
 
@@ -38,7 +38,7 @@ def tokens(row: dict[str, Any]) -> tuple[Any, ...]:
             row["reasoning_tokens"])
 
 
-def test_openai_chat_with_and_without_stream_usage(gateway: Gateway) -> None:
+def test_openai_chat_with_and_without_stream_usage(gateway: Broker) -> None:
     """Chat usage comes from the body, or the stream's usage chunk; without it, unknown."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
     stand = gateway.standins["openai"]
@@ -55,7 +55,7 @@ def test_openai_chat_with_and_without_stream_usage(gateway: Gateway) -> None:
     assert tokens(unknown) == (None, None, None, None) and unknown["requests"] == 1
 
 
-def test_responses_and_embeddings_usage(gateway: Gateway) -> None:
+def test_responses_and_embeddings_usage(gateway: Broker) -> None:
     """Responses (plain and streamed: response.completed) and embeddings are counted."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
     client.responses.create(model="resp-a", input="hi")
@@ -68,7 +68,7 @@ def test_responses_and_embeddings_usage(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("version", ["v1", "v1beta"])
-def test_gemini_usage_model_from_the_path(gateway: Gateway, version: str) -> None:
+def test_gemini_usage_model_from_the_path(gateway: Broker, version: str) -> None:
     """Gemini usageMetadata is read from the last streamed chunk; the model is the path's."""
     client = genai_client(gateway.root("google"), gateway.daemon.token, api_version=version)
     list(client.models.generate_content_stream(model="gemini-x", contents="hi"))
@@ -78,7 +78,7 @@ def test_gemini_usage_model_from_the_path(gateway: Gateway, version: str) -> Non
         assert row["model"] == "gemini-x" and tokens(row) == (7, 5, 2, 1)
 
 
-def test_voyage_and_jina_total_tokens(gateway: Gateway) -> None:
+def test_voyage_and_jina_total_tokens(gateway: Broker) -> None:
     """Voyage and Jina report total_tokens, recorded as input tokens."""
     voyage_client(gateway.root("voyage"), gateway.daemon.token).embed(
         ["a"], model="voyage-3")
@@ -88,7 +88,7 @@ def test_voyage_and_jina_total_tokens(gateway: Gateway) -> None:
     assert row_for(gateway.cli, 1, provider="jina", model="jina-v3")["output_tokens"] == 0
 
 
-def test_failed_requests_are_counted_as_errors(gateway: Gateway) -> None:
+def test_failed_requests_are_counted_as_errors(gateway: Broker) -> None:
     """A denied request still counts: one request, one error, tokens unknown."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token,
                            default_headers={"X-Broker-Consumer": "stranger"})
@@ -98,7 +98,7 @@ def test_failed_requests_are_counted_as_errors(gateway: Gateway) -> None:
     assert (row["requests"], row["errors"], row["input_tokens"]) == (1, 1, None)
 
 
-def test_usage_grouping_cli_admin_and_consumer_views(gateway: Gateway) -> None:
+def test_usage_grouping_cli_admin_and_consumer_views(gateway: Broker) -> None:
     """`usage --by`, the admin route and a consumer's /v1/usage agree; a consumer sees its own."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)
     for model in ("m1", "m2"):
@@ -116,7 +116,7 @@ def test_usage_grouping_cli_admin_and_consumer_views(gateway: Gateway) -> None:
     assert "REQUESTS" in gateway.cli.ok("usage", "--since", "1d")
 
 
-async def test_budget_holds_under_twenty_concurrent_requests(gateway: Gateway) -> None:
+async def test_budget_holds_under_twenty_concurrent_requests(gateway: Broker) -> None:
     """20 concurrent requests cannot overshoot a daily budget by more than one request."""
     token = json.loads(gateway.cli.ok("token", "create", "--consumer", "default",
                                       "--daily-tokens", "100", "--json"))["token"]
@@ -156,18 +156,14 @@ def test_configured_provider_with_a_bad_table_is_refused_at_start(cli: Cli) -> N
 def test_openai_compatible_server_by_base_url_only(cli: Cli,
                                                    standins: dict[str, StandIn]) -> None:
     """A table holding only base_url and secret_ref makes an OpenAI-compatible provider."""
-    from tests.conftest import start_daemon, write_grants
-    from tests.support.gateway import real_key
-
     stand = standins["openai"]
     cli.add("@local_llm_key", real_key("openai"), provider="local-llm")
     configure(cli, {})
     with (cli.home / "config.toml").open("a") as config:
         config.write(f'[providers.local-llm]\nbase_url = "{stand.base_url}"\n'
                      'secret_ref = "local_llm_key"\n')
-    write_grants(cli.home, '[[grants]]\nsecret_ref = "local_llm_key"\nconsumer = "default"\n'
-                 'purposes = ["llm.chat"]\ndelivery = ["http_header_inject"]\n'
-                 f'allowed_hosts = ["{stand.host}"]\nttl_secs = 60\n')
+    write_grants(cli.home, grant("local_llm_key", purposes='"llm.chat"',
+                                 delivery='"http_header_inject"', hosts=f'"{stand.host}"', ttl=60))
     d = start_daemon(cli.home, cli.env)
     try:
         client = openai_client(f"{d.url}/proxy/local-llm", d.token)
@@ -182,9 +178,6 @@ def test_openai_compatible_server_by_base_url_only(cli: Cli,
 @pytest.fixture
 def more(cli: Cli) -> Any:
     """A broker in front of Anthropic, Azure OpenAI and OpenRouter stand-ins."""
-    from tests.conftest import start_daemon
-    from tests.support.gateway import real_key
-
     names = ("anthropic", "azure-openai", "openrouter")
     stands = {p: StandIn(p, real_key(p), path_prefix="/api" if p == "openrouter" else "").start()
               for p in names}
@@ -197,13 +190,13 @@ def more(cli: Cli) -> Any:
                                                   .replace("anthropic_api_key", "anthropic_key")
                                                   .replace("openrouter_api_key", "openrouter_key"))
     d = start_daemon(cli.home, cli.env)
-    yield Gateway(cli, d, stands)
+    yield Broker(cli, d, stands)
     d.stop()
     for s in stands.values():
         s.stop()
 
 
-def test_anthropic_create_and_stream(more: Gateway) -> None:
+def test_anthropic_create_and_stream(more: Broker) -> None:
     """The anthropic SDK through the broker: x-api-key upstream, usage from both events."""
     from tests.support.sdk_clients import anthropic_client
 
@@ -220,7 +213,7 @@ def test_anthropic_create_and_stream(more: Gateway) -> None:
         assert tokens(row_for(more.cli, 1, model=model))[:3] == (7, 5, 2)
 
 
-def test_anthropic_denial_is_its_permission_error(more: Gateway) -> None:
+def test_anthropic_denial_is_its_permission_error(more: Broker) -> None:
     """A denial reaches the anthropic SDK as PermissionDeniedError in Anthropic's shape."""
     import anthropic
 
@@ -232,7 +225,7 @@ def test_anthropic_denial_is_its_permission_error(more: Gateway) -> None:
         client.messages.create(model="c", max_tokens=5, messages=MESSAGES)
 
 
-def test_azure_openai_deployment_and_api_version(more: Gateway) -> None:
+def test_azure_openai_deployment_and_api_version(more: Broker) -> None:
     """AzureOpenAI's api-key header is swapped; the deployment is the model."""
     from tests.support.sdk_clients import azure_client
 
@@ -249,7 +242,7 @@ def test_azure_openai_deployment_and_api_version(more: Gateway) -> None:
     assert tokens(row)[:2] == (14, 10)
 
 
-def test_openrouter_stream_keeps_comment_lines(more: Gateway) -> None:
+def test_openrouter_stream_keeps_comment_lines(more: Broker) -> None:
     """OpenRouter's SSE comment lines pass through untouched; usage is still read."""
     stand = more.standins["openrouter"]
     status, headers, body = jina_post(

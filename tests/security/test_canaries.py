@@ -11,8 +11,8 @@ import uuid
 from pathlib import Path
 
 from broker.client import BrokerClient
-from tests.conftest import CANARY, Cli, base_env, scan
-from tests.security.conftest import EMBED, Broker, exchange, launch, provider_grants, real_key
+from tests.conftest import CANARY, Cli, base_env, grant, scan
+from tests.support.gateway import EMBED, Broker, exchange, launch, provider_grants, real_key
 from tests.support.sdk_clients import genai_client, jina_post, openai_client, voyage_client
 from tests.support.standins import StandIn
 
@@ -54,9 +54,8 @@ def hostile_session(b: Broker, wrong: str) -> list[tuple[bytes, bytes]]:
 def test_a_canary_session_leaves_no_trace(cli: Cli, standins: dict[str, StandIn]) -> None:
     """No key or token of a hostile session is in any log, output, body, /proc file or home file."""
     openai = standins["openai"]
-    native = (f'[[grants]]\nsecret_ref = "openai_api_key"\nconsumer = "default"\n'
-              f'purposes = ["llm.chat"]\ndelivery = ["native"]\n'
-              f'allowed_hosts = ["{openai.host}"]\nttl_secs = 60\n\n')
+    native = grant("openai_api_key", purposes='"llm.chat"', delivery='"native"',
+                   hosts=f'"{openai.host}"', ttl=60)
     b = launch(cli, standins, grants=provider_grants(standins) + native)
     wrong = "sbt_" + uuid.uuid4().hex  # a guess is a secret too: it may be a real token's typo
     old_token = b.token

@@ -20,6 +20,8 @@ from tests.conftest import (
     CANARY,
     CANARY_2,
     Cli,
+    ext4_image,
+    grant,
     move_audit_log,
     scan,
     start_daemon,
@@ -27,11 +29,10 @@ from tests.conftest import (
     wait_for,
     write_grants,
 )
-from tests.security.conftest import (
+from tests.support.gateway import (
     PURPOSES,
     Broker,
     exchange,
-    ext4_image,
     kill,
     launch,
     real_key,
@@ -46,8 +47,7 @@ NATIVE = b'{"secret_ref": "openai_api_key", "purpose": "llm.chat", "delivery": "
 
 def grant_to(ref: str, host: str, consumer: str = "default",
              delivery: str = '"http_header_inject"') -> str:
-    return (f'[[grants]]\nsecret_ref = "{ref}"\nconsumer = "{consumer}"\npurposes = [{PURPOSES}]\n'
-            f'delivery = [{delivery}]\nallowed_hosts = ["{host}"]\nttl_secs = 300\n\n')
+    return grant(ref, consumer, PURPOSES, delivery, f'"{host}"')
 
 
 def closed_port() -> int:
@@ -215,11 +215,11 @@ def test_read_only_audit_disk_refuses_to_start_and_refuses_changes(cli: Cli) -> 
 # --- the vault under a running daemon -----------------------------------------------------------
 
 
-def test_vault_file_damaged_after_rotation_is_503_without_a_leak(broker: Broker) -> None:
+def test_vault_file_damaged_after_rotation_is_503_without_a_leak(gateway: Broker) -> None:
     """A vault file damaged after a rotation is 503 secret_unavailable: no crash, no leak."""
     # Decided behaviour: the daemon keeps the current version's value in memory after first
     # use, so deleting its file does not revoke it (`remove` does); a new version is read.
-    b, openai = broker, broker.standins["openai"]
+    b, openai = gateway, gateway.standins["openai"]
     vault = b.cli.home / "vault" / "s-openai_api_key.sbv"
     assert b.post("openai", "v1/embeddings").status == 200
     vault.unlink()
@@ -250,9 +250,9 @@ def test_vault_file_damaged_after_rotation_is_503_without_a_leak(broker: Broker)
     assert scan([*bodies, b.log()], CANARY) == []
 
 
-def test_vault_file_restored_from_an_old_copy_is_refused(broker: Broker) -> None:
+def test_vault_file_restored_from_an_old_copy_is_refused(gateway: Broker) -> None:
     """A vault file restored from an old copy decrypts, but its retired value is refused."""
-    b, openai = broker, broker.standins["openai"]
+    b, openai = gateway, gateway.standins["openai"]
     vault = b.cli.home / "vault" / "s-openai_api_key.sbv"
     retired = vault.read_bytes()
     openai.expected_key = real_key("openai") + "-new"
@@ -276,11 +276,11 @@ def test_vault_file_restored_from_an_old_copy_is_refused(broker: Broker) -> None
 # --- SIGKILL ------------------------------------------------------------------------------------
 
 
-def test_sigkill_mid_request_loses_no_acknowledged_audit_event(broker: Broker) -> None:
+def test_sigkill_mid_request_loses_no_acknowledged_audit_event(gateway: Broker) -> None:
     """SIGKILL mid-stream loses no acknowledged audit event; the chain verifies and goes on."""
     # Batch fsync: the metadata checkpoint may lag the file by up to 100 ms, which verify
     # accepts (a log longer than its checkpoint); a log shorter than it would fail.
-    b, openai = broker, broker.standins["openai"]
+    b, openai = gateway, gateway.standins["openai"]
     assert b.post("openai", "v1/embeddings").status == 200
     for i in range(3):
         assert b.http("GET", "/v1/health", token=f"sbt_wrong{i}").status == 401
@@ -338,9 +338,9 @@ def reload_and_wait(b: Broker, valid: bool) -> dict[str, object]:
                          what=f"grants valid={valid}"))
 
 
-def test_half_written_grants_fail_closed_and_the_finished_file_recovers(broker: Broker) -> None:
+def test_half_written_grants_fail_closed_and_the_finished_file_recovers(gateway: Broker) -> None:
     """A grants file caught half-written denies everything; the finished file restores access."""
-    b = broker
+    b = gateway
     path = b.cli.home / "secrets.grants.toml"
     full = path.read_text()
     assert b.post("openai", "v1/embeddings").status == 200

@@ -17,7 +17,7 @@ import aiohttp.http_exceptions
 import pytest
 
 from tests.conftest import Cli
-from tests.security.conftest import (
+from tests.support.gateway import (
     EMBED,
     GEMINI,
     Broker,
@@ -63,7 +63,7 @@ def assert_still_serves(gw: Broker) -> None:
 
 # --- DNS rebinding and cross-site ---------------------------------------------------------------
 
-FOREIGN_HOSTS = ["evil.example", "evil.example:18443", "127.0.0.1.nip.io",
+FOREIGN_HOSTS = ["evil.example", "evil.example:28443", "127.0.0.1.nip.io",
                  "localhost.evil.example", "127.0.0.1@evil.example",
                  "0.0.0.0", ""]  # noqa: S104 - a Host header value, nothing binds it
 ROUTES = [("GET", "/v1/health"), ("GET", "/v1/status"), ("POST", "/v1/leases"),

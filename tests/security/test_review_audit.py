@@ -14,7 +14,7 @@ from broker.core import logs
 from broker.core.text import printable
 from broker.store import audit
 from tests.conftest import CANARY, Cli, Daemon, wait_for, write_grants
-from tests.security.conftest import exchange, request_bytes
+from tests.support.gateway import exchange, request_bytes
 
 # Raw controls a terminal acts on: ESC, CR, BEL, CSI (C1), NEL, bidi overrides, separators.
 _RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"

@@ -25,8 +25,7 @@ from broker.client import BrokerClient
 from broker.core.errors import BrokerError, BrokerNotRunning, ConfigError
 from tests.conftest import Cli, scan
 from tests.integration.test_mcp import agent, create_token, grant_openai_to
-from tests.security.conftest import exchange
-from tests.support.gateway import Gateway
+from tests.support.gateway import Broker, exchange
 from tests.support.standins import StandIn
 
 NOBODY = 65534
@@ -228,7 +227,7 @@ def test_a_redirect_is_an_error() -> None:
 
 
 async def test_mcp_answers_hold_no_stored_value_of_any_shape(
-        gateway: Gateway, standins: dict[str, StandIn]) -> None:
+        gateway: Broker, standins: dict[str, StandIn]) -> None:
     """A value shaped like no provider key, echoed plain and in base64, never reaches the
     model; the rest of the answer does."""
     plain = "hunter2-plain~~~looking-value"  # its base64 differs from its base64url

@@ -75,6 +75,7 @@ async def flood(d: Daemon) -> tuple[Counter[int], int]:
     return statuses, owner_status
 
 
+@pytest.mark.slow
 def test_a_flood_of_refusals_grows_the_logs_by_a_bounded_count_that_adds_up(
         cli: Cli, daemon_factory: Any) -> None:
     """Thousands of refusals of each kind: a few audit and log lines whose counts add up,

@@ -27,8 +27,8 @@ from broker.server.inputs import JSON_LIMIT, VALUE_JSON_LIMIT
 from broker.server.ui import LOGIN_LIMIT
 from broker.service import secrets as service
 from broker.store.metadata import Metadata
-from tests.conftest import CANARY, Cli, wait_for
-from tests.security.conftest import (
+from tests.conftest import CANARY, Cli, grant, wait_for
+from tests.support.gateway import (
     PURPOSES,
     Broker,
     Reply,
@@ -312,9 +312,8 @@ def planted(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
               for p in stands}
     add_secrets(cli, values)
     grants = provider_grants(stands) + "".join(
-        f'[[grants]]\nsecret_ref = "{ref}"\nconsumer = "default"\npurposes = [{PURPOSES}]\n'
-        f'delivery = ["http_header_inject"]\nallowed_hosts = ["{stands[p].host}"]\n'
-        "ttl_secs = 300\n\n" for ref, (p, _v) in values.items())
+        grant(ref, "default", PURPOSES, '"http_header_inject"', f'"{stands[p].host}"')
+        for ref, (p, _v) in values.items())
     b = launch(cli, stands, grants=grants)
     yield b
     kill(b.daemon)

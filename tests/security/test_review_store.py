@@ -21,10 +21,9 @@ import pyrage
 import pytest
 
 from broker.core.errors import BrokerError
-from tests.conftest import CANARY, Cli, base_env, scan
+from tests.conftest import CANARY, Cli, base_env, needs_secret_service, scan
 from tests.integration.test_keychain import keychain_homes as keychain_homes  # a fixture
-from tests.integration.test_keychain import needs_secret_service, one_line_error, value_of
-from tests.integration.test_keychain import session_bus as session_bus  # a fixture
+from tests.integration.test_keychain import one_line_error, value_of
 from tests.integration.test_store_cli import _spin_until
 
 MAX_VALUE = 64 * 1024

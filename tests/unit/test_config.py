@@ -75,7 +75,7 @@ def test_unknown_keys_are_named(text: str, message: str) -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[store]\nbackend = 1\n", "\\[store\\] backend must be str"),
-    ("[broker]\nlisten = 18443\n", "\\[broker\\] listen must be str"),
+    ("[broker]\nlisten = 28443\n", "\\[broker\\] listen must be str"),
     ('[limits]\nmax_body_bytes = "32M"\n', "\\[limits\\] max_body_bytes must be int"),
     ("[limits]\nmax_body_bytes = 1.5\n", "\\[limits\\] max_body_bytes must be int"),
     ("[limits]\nmax_body_bytes = true\n", "\\[limits\\] max_body_bytes must be int"),

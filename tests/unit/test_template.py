@@ -19,6 +19,7 @@ from broker.service.profiles import (
 )
 from broker.service.template import TemplateError, find_refs, ref_template, render
 from grants import AccessRequest, Allow, decide, parse_grants
+from tests.conftest import grant
 
 SECRET_LOOKALIKE = "sk-pasted-by-mistake-0123456789"
 
@@ -248,9 +249,8 @@ def test_denials_come_with_a_grant_that_fixes_them() -> None:
 
     profile = parse_profiles(PROFILES)["context-engine"]
     native_only = parse_grants(
-        '[[grants]]\nsecret_ref = "openai_api_key"\nconsumer = "context-engine"\n'
-        'purposes = ["llm.chat"]\ndelivery = ["native"]\nallowed_hosts = ["api.openai.com"]\n'
-        "ttl_secs = 60\n")
+        grant("openai_api_key", "context-engine", purposes='"llm.chat"', delivery='"native"',
+              ttl=60))
     denials = env_denials(profile, native_only)
     assert list(denials) == ["context_engine_service_tokens", "openai_api_key"]
     assert "delivery" in denials["openai_api_key"]

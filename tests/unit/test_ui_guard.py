@@ -12,7 +12,7 @@ from broker.core.errors import Unauthorized
 from broker.server.auth import Authenticator
 from broker.server.ui import Logins, needs_no_token, refusal
 
-PORT = 18443
+PORT = 28443  # data only: nothing binds it
 OWN = f"127.0.0.1:{PORT}"
 PAGE = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
 TYPED = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}

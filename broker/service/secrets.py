@@ -8,13 +8,12 @@ is told apart from a value restored from an old copy.
 from __future__ import annotations
 
 import hmac
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from broker.core.clock import rfc3339
 from broker.core.errors import BrokerError, SecretExists, UnlockFailed, UsageError
-from broker.core.refs import parse_ref
+from broker.core.refs import PROVIDER_RE, parse_ref
 from broker.service.context import Context
 from broker.store.backend import KINDS
 from broker.store.metadata import SecretMeta, case_twin_message
@@ -23,7 +22,6 @@ from broker.store.metadata import SecretMeta, case_twin_message
 # piped to `add`) out of the store, the daemon's memory and every export.
 MAX_VALUE_BYTES = 64 * 1024
 MAX_VERSION = 2**53 - 1  # exact in every JSON reader; rotate never gets near it
-PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 
 from broker.config import ConfigError, parse_config
+from broker.core import clock
 from broker.gateway import usage
 from broker.server.inputs import JSON_LIMIT, VALUE_JSON_LIMIT
 from broker.server.ui import LOGIN_LIMIT
-from broker.service import secrets as service
+from broker.service import secrets as service_secrets
 from broker.store.metadata import Metadata
 from tests.conftest import CANARY, Cli, grant, wait_for
 from tests.support.gateway import (
@@ -269,8 +270,8 @@ def test_absurd_max_tokens_are_charged_the_default_estimate(gw: Broker) -> None:
         expected += len(chat(max_tokens)) // 4 + usage.DEFAULT_OUTPUT_ESTIMATE
     metadata = Metadata(gw.cli.home / "metadata.db")
     try:
-        wait_for(lambda: metadata.token_spend(usage.utc_day()).get(
-            (made["id"], usage.utc_day())) == expected, what=f"a flushed spend of {expected}")
+        wait_for(lambda: metadata.token_spend(clock.utc_day()).get(
+            (made["id"], clock.utc_day())) == expected, what=f"a flushed spend of {expected}")
     finally:
         metadata.close()
     over = gw.post("openai", "v1/chat/completions", chat(20000 - expected), token=token)
@@ -307,7 +308,7 @@ def planted(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
     """A broker whose store holds values with control characters (as an older version, a
     restored backup or another tool could have written), granted like any other."""
     stands = start_standins(("openai", "google"))
-    monkeypatch.setattr(service, "_check_value", lambda value: None)
+    monkeypatch.setattr(service_secrets, "_check_value", lambda value: None)
     values = {f"{name}_{p}": (p, f"{CANARY}{char}tail") for name, char in UNSENDABLE.items()
               for p in stands}
     add_secrets(cli, values)

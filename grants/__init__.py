@@ -1,38 +1,49 @@
-"""Grants: who may use which secret, how, and for how long (SPEC §5).
+"""Grants: who may use which secret, how, and for how long.
 
 Pure policy, no I/O beyond reading the grants file; never imports `broker`.
+
+The names below load their module on first use: `broker.core.refs` needs only the ref
+pattern in `grants.model`, and every CLI command (`exec` above all) imports that, so
+importing the package must not also load the parser, the policy and the lease table.
 """
 
-from grants.leases import Lease, LeaseKey, LeaseTable, lease_key
-from grants.loader import load_grants, parse_grants
-from grants.model import (
-    DELIVERIES,
-    AccessRequest,
-    Allow,
-    Decision,
-    Deny,
-    Grant,
-    GrantsError,
-    Problem,
-)
-from grants.policy import decide
-from grants.render import grants_as_rows
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from grants.leases import Lease, LeaseKey, LeaseTable, lease_key
+    from grants.loader import load_grants, parse_grants
+    from grants.model import (
+        DELIVERIES,
+        AccessRequest,
+        Allow,
+        Decision,
+        Deny,
+        Grant,
+        GrantsError,
+        Problem,
+    )
+    from grants.policy import decide
+    from grants.render import grants_as_rows
+
+_HOME = {
+    "Lease": "leases", "LeaseKey": "leases", "LeaseTable": "leases", "lease_key": "leases",
+    "load_grants": "loader", "parse_grants": "loader",
+    "DELIVERIES": "model", "AccessRequest": "model", "Allow": "model", "Decision": "model",
+    "Deny": "model", "Grant": "model", "GrantsError": "model", "Problem": "model",
+    "decide": "policy", "grants_as_rows": "render",
+}
 
 __all__ = [
-    "DELIVERIES",
-    "AccessRequest",
-    "Allow",
-    "Decision",
-    "Deny",
-    "Grant",
-    "GrantsError",
-    "Lease",
-    "LeaseKey",
-    "LeaseTable",
-    "Problem",
-    "decide",
-    "grants_as_rows",
-    "lease_key",
-    "load_grants",
+    "DELIVERIES", "AccessRequest", "Allow", "Decision", "Deny", "Grant", "GrantsError", "Lease",
+    "LeaseKey", "LeaseTable", "Problem", "decide", "grants_as_rows", "lease_key", "load_grants",
     "parse_grants",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'grants' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"grants.{_HOME[name]}"), name)

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from broker.core.errors import Denied
+from broker.core.home import file_signature
 from grants import (
     AccessRequest,
     Decision,
@@ -42,14 +43,6 @@ class GrantsState:
     loaded_at: float
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class Access:
     def __init__(self, grants_path: Path, record: Record,
                  clock: Callable[[], float] = time.time) -> None:
@@ -63,7 +56,7 @@ class Access:
 
     def reload(self, why: str) -> None:
         """Load the grants file; an invalid one denies everything until it is fixed."""
-        self._signature = _signature(self._path)
+        self._signature = file_signature(self._path)
         try:
             grants = load_grants(self._path)
         except GrantsError as exc:
@@ -82,7 +75,7 @@ class Access:
     def reload_if_changed(self) -> None:
         """Reload when the file's inode, size or mtime changed: one stat, cheap enough for
         every decision, so an edit that removes a grant denies the very next request."""
-        if _signature(self._path) != self._signature:
+        if file_signature(self._path) != self._signature:
             self.reload("file changed")
 
     def _safe_record(self, event: str, **fields: Any) -> None:

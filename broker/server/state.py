@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,7 +27,7 @@ from broker.core.errors import (
     SecretUnavailable,
     UnlockFailed,
 )
-from broker.core.home import Home
+from broker.core.home import Home, file_signature
 from broker.core.loopback import is_loopback_host
 from broker.gateway.providers import Provider, build_providers
 from broker.gateway.usage import Budgets, Reservation, UsageBook
@@ -249,14 +248,6 @@ RESTART_ONLY = ("backend", "listen", "audit_fsync", "connect_timeout_secs",
                 "read_timeout_secs", "header_timeout_secs")
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class LiveConfig:
     """config.toml as loaded, and the providers built from it; reloaded on SIGHUP.
 
@@ -270,11 +261,11 @@ class LiveConfig:
         self.config = config
         self.providers: dict[str, Provider] = build_providers(config.providers)
         self.loaded_at = time.time()
-        self._signature = _signature(self._path)
+        self._signature = file_signature(self._path)
         self.restart_needed: tuple[str, ...] = ()
 
     def reload(self, why: str) -> None:
-        signature = _signature(self._path)
+        signature = file_signature(self._path)
         try:
             fresh = load_config(self._home)
             providers = build_providers(fresh.providers)
@@ -296,7 +287,7 @@ class LiveConfig:
 
     def as_json(self) -> dict[str, Any]:
         return {"file": str(self._path), "loaded_at": rfc3339(self.loaded_at),
-                "changed_since_load": _signature(self._path) != self._signature,
+                "changed_since_load": file_signature(self._path) != self._signature,
                 "restart_needed": list(self.restart_needed)}
 
 

@@ -172,7 +172,10 @@ class Secrets:
                 twin = self.ctx.metadata.case_twin(s.ref)
                 if twin is not None:
                     raise SecretExists(f"{case_twin_message(s.ref, twin)}; nothing was imported")
-            old = {s.ref: self.ctx.metadata.find(s.ref) for s in entries}
+            # A replace killed after its store write is recorded first, as rotate does: a new
+            # note over it would leave the store holding a value neither note nor metadata names.
+            old = {s.ref: None if (meta := self.ctx.metadata.find(s.ref)) is None
+                   else self._settle_rotate(meta) for s in entries}
             taken = [f"@{ref}" for ref, meta in old.items() if meta is not None]
             if taken and not replace:
                 raise SecretExists(f"{', '.join(taken)} already exist(s) here; nothing was "

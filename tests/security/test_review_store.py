@@ -21,6 +21,9 @@ import pyrage
 import pytest
 
 from broker.core.errors import BrokerError
+from broker.core.home import Home
+from broker.service.context import Context
+from broker.service.secrets import ExportedSecret, Secrets
 from tests.conftest import CANARY, Cli, base_env, needs_secret_service, scan
 from tests.integration.test_keychain import keychain_homes as keychain_homes  # a fixture
 from tests.integration.test_keychain import one_line_error, value_of
@@ -200,6 +203,33 @@ def test_kill9_during_import_replace_leaves_old_or_new(cli: Cli) -> None:
     assert "OK" in cli.ok("audit", "verify")
     cli.ok("rotate", "@k", "--stdin", input="v-final")
     assert value_of(cli, "@k") == "v-final"
+
+
+def test_an_import_after_an_interrupted_replace_keeps_the_value_readable(cli: Cli) -> None:
+    """A replace killed after its store write, then another killed right after its crash note:
+    the store still holds the first one's value, which stays readable (the second import
+    records the first before it notes its own, as rotate does)."""
+    cli.add("@k", "v-start")
+    ctx = Context.open(Home(cli.home), cli.env)
+    secrets = Secrets(ctx)
+    try:
+        secrets._replace_value("k", "v-interrupted", 5)  # killed before metadata recorded it
+
+        class Killed(BaseException):
+            pass
+
+        def killed(*_args: Any) -> None:
+            raise Killed
+
+        ctx.store.put = killed  # type: ignore[method-assign]  # the kill, after the note
+        entry = ExportedSecret("k", "openai", "api_key", 9, "2026-01-01T00:00:00.000Z", None,
+                               "v-next")
+        with pytest.raises(Killed):
+            secrets.import_all([entry], replace=True)
+    finally:
+        ctx.audit_log.close()
+        ctx.metadata.close()
+    assert value_of(cli, "@k") == "v-interrupted"
 
 
 # --- 4. refs that differ only in case ---------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
+from broker import __version__
 from broker.config import load_config
 from broker.core.errors import BrokerError, UsageError
 from broker.core.home import Home, open_private, private_dir, without_broker_vars
@@ -576,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="secret-broker", epilog=EXIT_CODES, formatter_class=argparse.RawTextHelpFormatter,
         description="Keep API keys out of config, env and prompts; broker them to local programs.",
     )
+    p.add_argument("--version", action="version", version=f"secret-broker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str,

@@ -1,4 +1,4 @@
-"""Leases: time-limited permissions issued under a grant (SPEC §1, §5).
+"""Leases: time-limited permissions issued under a grant.
 
 Pure bookkeeping with the clock injected, so expiry is tested without sleeping. Not
 thread-safe on purpose: the daemon calls it only from its event loop thread, and no
@@ -117,7 +117,7 @@ class LeaseTable:
         return doomed
 
     def revoke_unallowed(self, grants: Sequence[Grant]) -> builtins.list[Lease]:
-        """After a reload, end the leases the new grants would deny (SPEC §5)."""
+        """After a reload, end the leases the new grants would deny."""
 
         def denied(lease: Lease) -> bool:
             request = AccessRequest(*lease.key)

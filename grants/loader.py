@@ -1,4 +1,4 @@
-"""`secrets.grants.toml` -> validated Grants (SPEC §5).
+"""`secrets.grants.toml` -> validated Grants.
 
 Nothing is ignored or guessed: a typo must not silently widen or narrow access, so every
 problem is collected and reported at once, each with the line and key that caused it.

@@ -1,4 +1,4 @@
-"""Grant rules, access requests and decisions as frozen values (SPEC §5).
+"""Grant rules, access requests and decisions as frozen values.
 
 Everything here is immutable so a loaded policy can be shared and swapped whole on
 reload, and a decision can be audited exactly as it was made.
@@ -36,7 +36,7 @@ class AccessRequest:
 
     consumer: str
     secret_ref: str  # with or without "@"; decide() normalises
-    purpose: str | None  # None is allowed only for delivery "env" (SPEC §13)
+    purpose: str | None  # None is allowed only for delivery "env"
     delivery: str
     host: str | None  # upstream "host" or "host:port"; None = no upstream host
 

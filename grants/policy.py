@@ -1,4 +1,4 @@
-"""decide(grants, request) -> Allow | Deny: deny by default (SPEC §5, §13).
+"""decide(grants, request) -> Allow | Deny: deny by default.
 
 Pure and total: it never raises, so a caller can audit every decision before acting on
 it. A denial names the first part of the request that no grant covers, judged against
@@ -17,7 +17,7 @@ def decide(grants: Sequence[Grant], request: AccessRequest) -> Decision:
     """Allow under the first grant matching secret, consumer, purpose, delivery and host."""
     ref = request.secret_ref.removeprefix("@")
     consumer, delivery = request.consumer, request.delivery
-    env = delivery == "env"  # SPEC §13: env grants match on secret, consumer and delivery only
+    env = delivery == "env"  # env grants match on secret, consumer and delivery only
     if delivery not in DELIVERIES:
         return Deny(f"unknown delivery {delivery!r} (expected {', '.join(sorted(DELIVERIES))})")
     if request.purpose is None and not env:

@@ -1,4 +1,4 @@
-"""Grants as JSON-ready rows, for `grants check --json` and the admin API (SPEC §11)."""
+"""Grants as JSON-ready rows, for `grants check --json` and the admin API."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def grants_as_rows(grants: Iterable[Grant]) -> list[dict[str, object]]:
 
 
 def explain_as_json(decision: Decision) -> dict[str, object]:
-    """SPEC §11 explain: the decision, the grant that allowed it, and the reason."""
+    """An explain answer: the decision, the grant that allowed it, and the reason."""
     if isinstance(decision, Allow):
         g = decision.grant
         return {"decision": "allow", "grant": {"index": g.index, "line": g.line},

@@ -1,4 +1,4 @@
-"""`secret-broker check`: a home's health as findings, each with a one-line fix (SPEC §16).
+"""`secret-broker check`: a home's health as findings, each with a one-line fix.
 
 Every check is a small function of one signature, `check(scene) -> list[Finding]`; the
 scene reads each file once, on first use; the CLI renders. Checks only read, except

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
+from broker import __version__
 from broker.config import load_config
 from broker.core.errors import BrokerError, UsageError
 from broker.core.home import Home, open_private, private_dir, without_broker_vars
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 EXIT_CODES = """\
 exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
             5 unlock or decrypt failure, 6 broker not running"""
+JSON = "print JSON instead of a table or text"
 
 
 def _context(args: argparse.Namespace) -> Context:
@@ -576,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="secret-broker", epilog=EXIT_CODES, formatter_class=argparse.RawTextHelpFormatter,
         description="Keep API keys out of config, env and prompts; broker them to local programs.",
     )
+    p.add_argument("--version", action="version", version=f"secret-broker {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
@@ -586,47 +590,50 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = command("init", cmd_init, "create the home, config, token, grants file and store")
-    sp.add_argument("--backend", choices=("keychain", "file-vault"))
+    sp.add_argument("--backend", choices=("keychain", "file-vault"),
+                    help="default: a keychain that answers, else a key-file vault")
 
     sp = command("add", cmd_add, "store a new secret (value from --stdin or a hidden prompt)")
-    sp.add_argument("ref")
-    sp.add_argument("--provider", required=True)
-    sp.add_argument("--kind", required=True)
+    sp.add_argument("ref", help="@ref: 1 to 128 of A-Z a-z 0-9 _ . -")
+    sp.add_argument("--provider", required=True, help="openai, google, anthropic, ...")
+    sp.add_argument("--kind", required=True, help="api_key, token, ...")
     sp.add_argument("--stdin", action="store_true", help="read the value from standard input")
 
     sp = command("list", cmd_list, "list secrets (metadata only)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
     sp.add_argument("--refs", action="store_true", help=argparse.SUPPRESS)
 
     sp = command("inspect", cmd_inspect, "show one secret's metadata")
-    sp.add_argument("ref")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("ref", help="@ref")
+    sp.add_argument("--json", action="store_true", help=JSON)
 
     sp = command("rotate", cmd_rotate, "replace a secret's value")
-    sp.add_argument("ref")
+    sp.add_argument("ref", help="@ref")
     sp.add_argument("--stdin", action="store_true", help="read the value from standard input")
 
     sp = command("remove", cmd_remove, "delete a secret's value and metadata")
-    sp.add_argument("ref")
+    sp.add_argument("ref", help="@ref")
 
     sp = command("exec", cmd_exec, "run a command with secrets in its environment only")
-    sp.add_argument("--env", action="append", default=[], metavar="VAR=@ref")
+    sp.add_argument("--env", action="append", default=[], metavar="VAR=@ref",
+                    help="set VAR in the child from a secret or a template (repeatable)")
     sp.add_argument("--env-file", metavar="FILE",
                     help="VAR=@ref, VAR=${{ secrets.NAME }} or VAR=value lines; --env wins")
     sp.add_argument("--profile", metavar="NAME",
                     help="[profiles.NAME] of profiles.toml; its consumer needs env grants")
-    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                    help="the program to run and its arguments")
 
     sp = command("inject", cmd_inject,
                  "render ${{ secrets.NAME }} and {{ @ref }} in a template to a file, fd or pipe")
-    sp.add_argument("-i", "--input", required=True, metavar="TEMPLATE")
+    sp.add_argument("-i", "--input", required=True, metavar="TEMPLATE", help="the template file")
     _add_output_options(sp)
 
     sp = command("audit", cmd_audit, "show the audit trail; `audit verify` checks its chain")
     sp.add_argument("ref", nargs="?", help="@ref to filter by, or `verify`")
     sp.add_argument("--since", help="30m, 12h, 7d or an RFC 3339 time")
     sp.add_argument("--event", help="event name, or a prefix ending in '.' (secret.)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
     sp.add_argument("--reseal", action="store_true",
                     help="with `verify`: trust the log as it is now and seal a new checkpoint "
                          "at its end (after an upgrade, or once a reported cut is explained)")
@@ -635,37 +642,38 @@ def build_parser() -> argparse.ArgumentParser:
         dest="grants_command", required=True, metavar="SUBCOMMAND")
     sp = command("check", cmd_grants_check, "validate a grants file and print its grants",
                  grants)
-    sp.add_argument("file", nargs="?")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("file", nargs="?", help="default: the home's secrets.grants.toml")
+    sp.add_argument("--json", action="store_true", help=JSON)
     sp = command("explain", cmd_grants_explain, "would a grant allow this? (exit 0 allow, 4 deny)",
                  grants)
-    sp.add_argument("--consumer", required=True)
+    sp.add_argument("--consumer", required=True, help="the consumer asking")
     sp.add_argument("--secret", required=True, help="@ref")
-    sp.add_argument("--purpose")
-    sp.add_argument("--delivery", required=True)
-    sp.add_argument("--host")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--purpose", help="llm.chat, llm.embeddings, llm.rerank, ...")
+    sp.add_argument("--delivery", required=True, help="native, http_header_inject or env")
+    sp.add_argument("--host", help="the upstream host the value is for")
+    sp.add_argument("--json", action="store_true", help=JSON)
 
     sp = command("usage", cmd_usage, "requests and tokens per consumer, provider, model, day")
     sp.add_argument("--since", help="a day (2026-01-31) or a duration ago (7d)")
     sp.add_argument("--by", help="group by some of: consumer,provider,model,route,day")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
 
     sp = command("serve", cmd_serve, "run the broker in the foreground")
     sp.add_argument("--listen", help="HOST:PORT for loopback HTTP (default from config.toml)")
-    sp.add_argument("--log-format", choices=("json", "console"))
+    sp.add_argument("--log-format", choices=("json", "console"),
+                    help="default: console on a terminal, else json")
     sp.add_argument("--allow-remote", action="store_true",
                     help="permit a non-loopback --listen address (not recommended)")
 
     sp = command("start", cmd_start, "start the broker in the background and wait for it")
-    sp.add_argument("--listen")
-    sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument("--listen", help="HOST:PORT for loopback HTTP (default from config.toml)")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it")
 
     sp = command("stop", cmd_stop, "stop the background broker")
-    sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it")
 
     sp = command("status", cmd_status, "show whether the broker runs, and its state")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
 
     sp = command("ui", cmd_ui, "open the dashboard in a browser with a one-time login link")
     sp.add_argument("--print", action="store_true",
@@ -679,18 +687,18 @@ def build_parser() -> argparse.ArgumentParser:
     command("rotate", cmd_token_rotate, "make a new bootstrap token; the old one stops working",
             token)
     sp = command("create", cmd_token_create, "make a token for one consumer (shown once)", token)
-    sp.add_argument("--consumer", required=True)
+    sp.add_argument("--consumer", required=True, help="the consumer the token proves")
     sp.add_argument("--ttl", help="lifetime: 90s, 30m, 12h, 7d (default: until revoked)")
-    sp.add_argument("--description")
+    sp.add_argument("--description", help="a note for `token list`")
     sp.add_argument("--daily-tokens", type=int, metavar="N",
                     help="daily budget of input + output tokens (429 past it)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
     sp = command("list", cmd_token_list, "list consumer tokens (never their values)", token)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
     sp = command("revoke", cmd_token_revoke, "revoke a token, or every token of a consumer",
                  token)
-    sp.add_argument("id", nargs="?")
-    sp.add_argument("--consumer")
+    sp.add_argument("id", nargs="?", help="the token's id (tok_...)")
+    sp.add_argument("--consumer", help="revoke every token of this consumer")
 
     sp = command("export", cmd_export,
                  "write every secret to one age-encrypted file (-o FILE or a pipe)")
@@ -716,13 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("check", cmd_check,
                  "check the home: modes, files, grants, store, audit, tokens, daemon "
                  "(exit 1 on an error)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON)
     sp.add_argument("--fix", action="store_true", help="repair file modes (nothing else)")
 
     from broker.cli.completions import SHELLS
 
     sp = command("completions", cmd_completions, "print a shell completion script")
-    sp.add_argument("shell", choices=SHELLS)
+    sp.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     return p
 
 

@@ -1,6 +1,6 @@
 """`secret-broker mcp`: a stdio MCP server through which an agent uses keys it never sees.
 
-SPEC §14. Who the agent is comes from the consumer token the owner puts in this server's
+Who the agent is comes from the consumer token the owner puts in this server's
 environment (`SECRET_BROKER_TOKEN` or `SECRET_BROKER_TOKEN_FILE`), never from a tool
 argument, so the model cannot choose who it is; without one every tool is refused (the
 owner's `broker.token` is never a fallback). Each tool is one call to the daemon's consumer

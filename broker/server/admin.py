@@ -1,4 +1,4 @@
-"""The admin API (SPEC §11): thin adapters from JSON to the service layer.
+"""The admin API: thin adapters from JSON to the service layer.
 
 Owner only (the auth middleware refuses consumer tokens with 403 `owner_only`). Values are
 write-only: no route returns one. Every mutation is audited with actor `admin` by the

@@ -1,4 +1,4 @@
-"""The dashboard (SPEC §12): a loopback page for the owner, safe against every other local page.
+"""The dashboard: a loopback page for the owner, safe against every other local page.
 
 - The page is static (`broker/ui/`): it holds no data, so loading it needs no token.
 - `secret-broker ui` asks the daemon over the Unix socket for a one-time login code

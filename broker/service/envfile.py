@@ -1,4 +1,4 @@
-"""`exec` environments as templates: `--env VAR=@ref` flags and `--env-file` lines (SPEC §13).
+"""`exec` environments as templates: `--env VAR=@ref` flags and `--env-file` lines.
 
 Pure. Every variable becomes a template (`VAR=@ref` is `{{ @ref }}`, a plain value has no
 reference), so flags, files and profiles resolve and render through one path. Errors name

@@ -42,7 +42,7 @@ class Launch:
         return values
 
     def authorized_profile(self, name: str) -> Profile:
-        """A profile whose consumer holds an env grant for each of its refs (SPEC §13).
+        """A profile whose consumer holds an env grant for each of its refs.
 
         Deny by default: each refused ref is audited, then the launch is refused as a
         whole, naming the grants to add.

@@ -1,4 +1,4 @@
-"""`profiles.toml`: named environments a supervisor launches plugins with (SPEC §13).
+"""`profiles.toml`: named environments a supervisor launches plugins with.
 
 Strict like the grants loader: an unknown key or a wrong type is an error naming it, so a
 typo never launches a plugin with less (or more) than the owner meant. Values are never

@@ -73,7 +73,7 @@ class Secrets:
         """Store a value over a live one (rotate, import --replace); returns its fingerprint.
 
         Noted before the store write: a crash between that write and the metadata update
-        leaves the new value, which value() must still hand out (SPEC §3)."""
+        leaves the new value, which value() must still hand out."""
         fingerprint = self.ctx.fingerprint(value)
         self.ctx.metadata.set_meta(_note(ref), f"{version}:{fingerprint}")
         self.ctx.store.put(ref, value, version)

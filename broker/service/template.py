@@ -1,4 +1,4 @@
-"""Secret references in text: `${{ secrets.NAME }}` and `{{ @ref }}` (SPEC §13). Pure.
+"""Secret references in text: `${{ secrets.NAME }}` and `{{ @ref }}`. Pure.
 
 Two steps, so that nothing is written until every reference is known to resolve: callers
 `find_refs()` first, resolve all of them, then `render()` in one pass. A substituted value
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from grants.model import REF_PATTERN
 
-_NAME = REF_PATTERN  # a secret ref (SPEC §1), case-sensitive
+_NAME = REF_PATTERN  # a secret ref, case-sensitive
 # Alternatives are tried in order at each position: a complete reference wins; an opening
 # that does not complete one is reported, since a typo must not pass through as text.
 _SP = r"[ \t]*"  # spaces inside the braces are optional; a reference never spans lines

@@ -1,4 +1,4 @@
-"""Moving a home: one standard age file holding a manifest and the values (SPEC §16).
+"""Moving a home: one standard age file holding a manifest and the values.
 
 The payload is plain age, so in an emergency the `age` tool opens it without secret-broker
 (`age -d -o export.json FILE`, with the passphrase or `-i IDENTITY`). Inside is one JSON

@@ -51,7 +51,7 @@ class BackendChoice:
 
 def choose_backend(requested: str | None,
                    environ: Mapping[str, str] | None = None) -> BackendChoice:
-    """SPEC §3: the named backend; else a keychain that answers; else the file vault."""
+    """The named backend; else a keychain that answers; else the file vault."""
     from broker.store.vault import passphrase_source, read_passphrase
 
     env = os.environ if environ is None else environ

@@ -1,6 +1,6 @@
 // The secret-broker dashboard: one small ES module, no dependencies, no build step.
 //
-// The rules it keeps (SPEC §12): the DOM is written with textContent only; the session
+// The rules it keeps: the DOM is written with textContent only; the session
 // token lives in this tab's sessionStorage and travels as `Authorization: Bearer` (no
 // cookies); a secret typed into a form is sent once and never rendered, kept or stored:
 // its input is cleared as the request leaves.

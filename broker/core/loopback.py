@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 # The names the dashboard answers to, as a Host header spells them; any other loopback
@@ -9,6 +10,7 @@ import ipaddress
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request, with a handful of distinct values
 def is_loopback_host(host: str | None) -> bool:
     """A Host header, peer address or listen host (with or without a port) is loopback."""
     if not host:

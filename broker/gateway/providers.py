@@ -59,13 +59,6 @@ class Provider:
             host = f"[{host}]"
         return f"{host}:{parts.port}" if parts.port else host
 
-    def upstream_url(self, path: str, query: str) -> str:
-        url = (self.base_url or "").rstrip("/") + "/" + path
-        return f"{url}?{query}" if query else url
-
-    def usage_format(self, route: Route) -> str:
-        return route.usage or self.usage
-
 
 def _routes(*specs: tuple[str, str, str]) -> tuple[Route, ...]:
     return tuple(Route(method, path, purpose) for method, path, purpose in specs)

@@ -29,6 +29,16 @@ class Match:
     query: str  # the raw query string, kept as sent
     params: dict[str, str]  # `{name}` segments, e.g. {"model": "gemini-2.0-flash"}
 
+    @property
+    def usage_format(self) -> str:
+        """How the usage tap reads the answer: the route's own format, else the provider's."""
+        return self.route.usage or self.provider.usage
+
+    def upstream_url(self, query: str) -> str:
+        """The upstream URL, built from the normalised path (never the raw one)."""
+        url = (self.provider.base_url or "").rstrip("/") + "/" + self.path
+        return f"{url}?{query}" if query else url
+
 
 def provider_name(raw_path: str) -> str | None:
     """The provider segment of a /proxy/ path, for shaping errors before matching."""

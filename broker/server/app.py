@@ -34,7 +34,16 @@ from broker.core.loopback import is_loopback_host
 from broker.server import admin, gateway, hardening, ui, v1
 from broker.server.access import Access
 from broker.server.auth import Authenticator
-from broker.server.middlewares import auth_middleware, errors_middleware, guard_middleware
+from broker.server.middlewares import (
+    API,
+    CODE,
+    PREFIX,
+    SESSION,
+    auth_middleware,
+    errors_middleware,
+    guard_middleware,
+    secure_headers,
+)
 from broker.server.state import (
     ACCESS,
     ADMIN,
@@ -86,20 +95,20 @@ def create_app(service: Context, config: LiveConfig, audit: AuditRecorder,
     r.add_post("/v1/mcp/tool-called", v1.mcp_tool_called)
     r.add_route("*", "/proxy/{tail:.*}", gateway.handle)
     r.add_post("/v1/leases", v1.create_lease)
-    for prefix in ("/v1", ui.API.rstrip("/")):  # the dashboard's API: the same handlers
+    for prefix in ("/v1", API.rstrip("/")):  # the dashboard's API: the same handlers
         r.add_get(f"{prefix}/leases", v1.list_leases)
         r.add_delete(f"{prefix}/leases/{{lease_id}}", v1.revoke_lease)
-    for prefix in ("/v1/admin", ui.API.rstrip("/")):
+    for prefix in ("/v1/admin", API.rstrip("/")):
         for method, path, handler in admin.ROUTES:
             r.add_route(method, prefix + path, handler)
         r.add_get(f"{prefix}/usage", v1.usage)
     r.add_get("/v1/usage", v1.usage)
     for path in ui.ASSETS:
-        r.add_get(ui.PREFIX + path, ui.asset)
-    r.add_post(ui.SESSION, ui.start_session)
-    r.add_delete(ui.SESSION, ui.end_session)
-    r.add_post(ui.CODE, ui.mint_code)
-    app.on_response_prepare.append(ui.secure_headers)
+        r.add_get(PREFIX + path, ui.asset)
+    r.add_post(SESSION, ui.start_session)
+    r.add_delete(SESSION, ui.end_session)
+    r.add_post(CODE, ui.mint_code)
+    app.on_response_prepare.append(secure_headers)
     app.on_startup.append(gateway.open_upstream)
     app.on_cleanup.append(gateway.close_upstream)
     return app

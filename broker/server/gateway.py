@@ -174,8 +174,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                     f"config.toml [providers.{provider.name}]")
         withheld = request["broker_tokens"]
         query = with_route_query(strip_key_param(m.query, withheld), m.route.query)
-        url = URL(provider.upstream_url(m.path, query), encoded=True)
-        fmt = provider.usage_format(m.route)
+        url = URL(m.upstream_url(query), encoded=True)
+        fmt = m.usage_format
         estimate = estimate_tokens(body, doc)
         reservation = spending.reserve_budget(request["principal"], estimate)
         headers = upstream_headers(request.headers, provider, key, withheld)

@@ -37,15 +37,18 @@ def consumer_of(request: web.Request) -> str:
 async def read_body(request: web.Request, limit: int, setting: str) -> bytes:
     """The body, or 413 past `limit` bytes: at once when Content-Length says so, else as
     soon as a chunked body passes it (what comes after is never kept)."""
-    too_large = BodyTooLarge(f"the request body is larger than {limit} bytes ({setting})")
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise _too_large(limit, setting)
     body = bytearray()
     while chunk := await request.content.read(limit + 1 - len(body)):
         body += chunk
         if len(body) > limit:
-            raise too_large
+            raise _too_large(limit, setting)
     return bytes(body)
+
+
+def _too_large(limit: int, setting: str) -> BodyTooLarge:
+    return BodyTooLarge(f"the request body is larger than {limit} bytes ({setting})")
 
 
 async def json_body(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, Any]:

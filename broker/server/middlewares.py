@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from multidict import MultiMapping
 
 from broker.core.errors import BrokerError, Forbidden, RouteNotFound, Unauthorized
-from broker.core.loopback import is_loopback_host
+from broker.core.loopback import LOOPBACK_NAMES, is_loopback_host
 from broker.gateway import routes
 from broker.gateway.providers import error_body
-from broker.server import ui
 from broker.server.auth import presented_token
 from broker.server.state import AUDIT, AUTH, CONFIG, SECRETS, SERVER
 
@@ -23,6 +23,24 @@ log = structlog.get_logger("broker")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OWNER_ONLY = ("/v1/admin/", "/ui/api/")
 REQUEST_ID = "X-Request-Id"
+# The dashboard's paths (its handlers are in ui.py); the guard below is its first defence.
+PREFIX = "/ui/"
+API = "/ui/api/"
+SESSION = "/ui/api/session"
+CODE = "/v1/admin/ui/code"
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    # Beyond §12: no other page may embed a /ui/ response, nor keep a handle on our window.
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
 
 
 def via(request: web.Request) -> str:
@@ -96,9 +114,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """DNS-rebinding and cross-site defence, before authentication, on every route."""
     refusal = None
-    if request.path.startswith(ui.PREFIX):  # the dashboard: its own page may call it
-        refusal = ui.refusal(request.method, request.path, request.headers,
-                             ui.port_of(request.app[SERVER].listen))
+    if request.path.startswith(PREFIX):  # the dashboard: its own page may call it
+        refusal = dashboard_refusal(request.method, request.path, request.headers,
+                                    port_of(request.app[SERVER].listen))
     elif not is_loopback_host(request.headers.get("Host")):
         refusal = ("host_header_refused", "the Host header is not a loopback name")
     elif "Origin" in request.headers:
@@ -112,7 +130,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one authentication step: any token (or the socket) becomes a Principal."""
-    if ui.needs_no_token(request.method, request.path):
+    if needs_no_token(request.method, request.path):
         return await handler(request)
     auth, cache = request.app[AUTH], request.app[SECRETS]
     providers = request.app[CONFIG].providers
@@ -124,7 +142,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     cache.refresh()  # a token created or revoked a moment ago counts at once
     try:
         principal = auth.authenticate(token, via(request),
-                                      dashboard=request.path.startswith(ui.API))
+                                      dashboard=request.path.startswith(API))
     except Unauthorized as exc:
         await request.app[AUDIT].refuse(request, "auth.failed",
                                         "missing" if token is None else "invalid", 401,
@@ -138,3 +156,53 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if principal.token_id is not None:
         cache.tokens_used.add(principal.token_id)
     return await handler(request)
+
+
+# --- the dashboard's guard (pure) ------------------------------------------------------
+
+
+def dashboard_refusal(method: str, path: str, headers: MultiMapping[str],
+            port: int) -> tuple[str, str] | None:
+    """Why a `/ui/` request is refused, as (code, message), or None to let it through.
+
+    The browser says where a request comes from (`Origin`, `Sec-Fetch-Site`); another
+    local page, even on another loopback port, is "same-site" but never "same-origin".
+    A header sent twice is refused: which copy would a proxy or a parser believe?
+    """
+    hosts = headers.getall("Host", [])
+    host = hosts[0].lower() if len(hosts) == 1 else ""
+    if host not in {f"{name}:{port}" for name in LOOPBACK_NAMES}:
+        return ("host_header_refused",
+                f"the dashboard answers only to Host 127.0.0.1:{port} or localhost:{port}")
+    origins = headers.getall("Origin", [])
+    if origins and origins != [f"http://{host}"]:
+        return ("origin_not_allowed", "the dashboard answers only its own page (Origin)")
+    site = headers.getall("Sec-Fetch-Site", [])
+    if site in ([], ["same-origin"]):
+        return None
+    # A top-level GET navigation of the page itself: typed into the address bar ("none"),
+    # or sent on by the file that `secret-broker ui` opens (a file: page is "cross-site").
+    # The page holds no data and signs in only with a code the owner minted; frames
+    # (Sec-Fetch-Dest iframe, and frame-ancestors) and the API stay refused.
+    if (method == "GET" and not path.startswith(API)
+            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]
+            and (site == ["none"] or headers.getall("Sec-Fetch-Dest", []) == ["document"])):
+        return None
+    return ("origin_not_allowed", "the dashboard answers only its own page (Sec-Fetch-Site)")
+
+
+def needs_no_token(method: str, path: str) -> bool:
+    """The page and its files hold no data; the login trades a code, not a token."""
+    if path.startswith(API):
+        return method == "POST" and path == SESSION
+    return path.startswith(PREFIX)
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every /ui/ response, errors and refusals included."""
+    if request.path.startswith(PREFIX):
+        response.headers.update(HEADERS)

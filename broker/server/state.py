@@ -51,7 +51,8 @@ class AuditRecorder:
     and keeps a flood of refusals from filling it (`RefusalTally`, `FailureThrottle`)."""
 
     def __init__(self, service: Context) -> None:
-        self._service = service
+        # Held directly, not through the Context: they are used on every request.
+        self._log, self._actor, self._path = service.audit_log, service.actor, service.home.audit
         self.broken = False
         self.throttle = FailureThrottle()
         self.refusals = RefusalTally()
@@ -59,7 +60,7 @@ class AuditRecorder:
     def record(self, event: str, **fields: Any) -> None:
         """Append to the audit log; a failure marks it broken so requests are refused."""
         try:
-            self._service.record(event, **fields)
+            self._log.append(event, self._actor, **fields)
         except AuditUnavailable:
             self.broken = True
             raise
@@ -75,9 +76,9 @@ class AuditRecorder:
     def check_audit(self) -> None:
         """Before acting: 503 while the log's file system is full or read-only; and while
         the log is broken, each request first tries to write again (or is 503)."""
-        if not self._service.audit_log.has_room():
+        if not self._log.has_room():
             self.broken = True
-            raise AuditUnavailable(f"the audit log {self._service.home.audit} has no room (its "
+            raise AuditUnavailable(f"the audit log {self._path} has no room (its "
                                    "file system is full or read-only); the request was refused")
         if self.broken:
             self.record("audit.resumed")
@@ -115,6 +116,7 @@ class SecretsCache:
 
     def __init__(self, service: Context, access: Access, auth: Authenticator) -> None:
         self._service = service
+        self._metadata = service.metadata  # asked on every request
         self._access = access
         self._auth = auth
         self._data_version = -1
@@ -128,7 +130,7 @@ class SecretsCache:
     def refresh(self, *, force: bool = False) -> None:
         """Re-read secrets and consumer tokens when another process committed a change
         (`PRAGMA data_version`), or after the daemon's own change (`force`)."""
-        metadata = self._service.metadata
+        metadata = self._metadata
         version = metadata.data_version()
         if version == self._data_version and not force:
             return

@@ -6,7 +6,8 @@
   for a session token (`sbs_…`). Codes and sessions live in this process only, as SHA-256.
 - `/ui/api/…` are the admin routes of §11 and the lease routes, mounted again; there only
   a session token works, and a session token works nowhere else (`Authenticator`).
-- `refusal()` is the guard every `/ui/` request passes before authentication.
+- The guard every `/ui/` request passes before authentication, and the headers every
+  `/ui/` response carries, are in `middlewares.py`.
 
 No cookies: browsers send loopback cookies to every local port, so any local page could
 ride them. The session token lives in the tab's `sessionStorage` and goes in a header that
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 from aiohttp import web
-from multidict import MultiMapping
 
 from broker.core import netowner
 from broker.core.clock import rfc3339
@@ -31,13 +31,10 @@ from broker.core.errors import Unauthorized, UsageError
 from broker.core.loopback import LOOPBACK_NAMES
 from broker.server.auth import presented_token
 from broker.server.inputs import json_body
+from broker.server.middlewares import PREFIX
 from broker.server.state import AUDIT, SERVER
 from broker.service.tokens import new_token
 
-PREFIX = "/ui/"
-API = "/ui/api/"
-SESSION = "/ui/api/session"
-CODE = "/v1/admin/ui/code"
 SESSION_PREFIX = "sbs_"
 LOGIN_LIMIT = 1024  # bytes of a login's body: `{"code": "…"}` needs under a hundred
 ASSETS = {  # path under /ui/ -> (file in broker/ui/, content type)
@@ -46,57 +43,6 @@ ASSETS = {  # path under /ui/ -> (file in broker/ui/, content type)
     "style.css": ("style.css", "text/css"),
     "icon.svg": ("icon.svg", "image/svg+xml"),
 }
-HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-    # Beyond §12: no other page may embed a /ui/ response, nor keep a handle on our window.
-    "Cross-Origin-Resource-Policy": "same-origin",
-    "Cross-Origin-Opener-Policy": "same-origin",
-}
-
-
-# --- the guard (pure) -------------------------------------------------------------------------
-
-
-def refusal(method: str, path: str, headers: MultiMapping[str],
-            port: int) -> tuple[str, str] | None:
-    """Why a `/ui/` request is refused, as (code, message), or None to let it through.
-
-    The browser says where a request comes from (`Origin`, `Sec-Fetch-Site`); another
-    local page, even on another loopback port, is "same-site" but never "same-origin".
-    A header sent twice is refused: which copy would a proxy or a parser believe?
-    """
-    hosts = headers.getall("Host", [])
-    host = hosts[0].lower() if len(hosts) == 1 else ""
-    if host not in {f"{name}:{port}" for name in LOOPBACK_NAMES}:
-        return ("host_header_refused",
-                f"the dashboard answers only to Host 127.0.0.1:{port} or localhost:{port}")
-    origins = headers.getall("Origin", [])
-    if origins and origins != [f"http://{host}"]:
-        return ("origin_not_allowed", "the dashboard answers only its own page (Origin)")
-    site = headers.getall("Sec-Fetch-Site", [])
-    if site in ([], ["same-origin"]):
-        return None
-    # A top-level GET navigation of the page itself: typed into the address bar ("none"),
-    # or sent on by the file that `secret-broker ui` opens (a file: page is "cross-site").
-    # The page holds no data and signs in only with a code the owner minted; frames
-    # (Sec-Fetch-Dest iframe, and frame-ancestors) and the API stay refused.
-    if (method == "GET" and not path.startswith(API)
-            and headers.getall("Sec-Fetch-Mode", []) == ["navigate"]
-            and (site == ["none"] or headers.getall("Sec-Fetch-Dest", []) == ["document"])):
-        return None
-    return ("origin_not_allowed", "the dashboard answers only its own page (Sec-Fetch-Site)")
-
-
-def needs_no_token(method: str, path: str) -> bool:
-    """The page and its files hold no data; the login trades a code, not a token."""
-    if path.startswith(API):
-        return method == "POST" and path == SESSION
-    return path.startswith(PREFIX)
 
 
 # --- login codes and sessions ---------------------------------------------------------------
@@ -178,10 +124,6 @@ def own_origin(listen: str) -> str:
     return f"http://{host if host in LOOPBACK_NAMES else '127.0.0.1'}:{port}"
 
 
-def port_of(listen: str) -> int:
-    return int(listen.rpartition(":")[2])
-
-
 async def asset(request: web.Request) -> web.Response:
     name, content_type = ASSETS[request.path.removeprefix(PREFIX)]
     body = (files("broker.server") / "ui" / name).read_bytes()
@@ -235,9 +177,3 @@ async def end_session(request: web.Request) -> web.Response:
         request.app[LOGINS].end(token)
     request.app[AUDIT].record("ui.session_ended", peer=request.remote)
     return web.json_response({"ended": True})
-
-
-async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """On every /ui/ response, errors and refusals included."""
-    if request.path.startswith(PREFIX):
-        response.headers.update(HEADERS)

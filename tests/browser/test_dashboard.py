@@ -18,7 +18,7 @@ from playwright.sync_api import Page, expect
 from broker.client import BrokerClient
 from broker.core.errors import Unauthorized
 from broker.core.home import Home
-from broker.server.ui import HEADERS
+from broker.server.middlewares import HEADERS
 from broker.service.context import Context
 from broker.service.secrets import Secrets
 from tests.browser.conftest import Site, Watched

@@ -10,7 +10,9 @@ from multidict import CIMultiDict
 from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized
 from broker.server.auth import Authenticator
-from broker.server.ui import Logins, needs_no_token, refusal
+from broker.server.middlewares import dashboard_refusal as refusal
+from broker.server.middlewares import needs_no_token
+from broker.server.ui import Logins
 
 PORT = 28443  # data only: nothing binds it
 OWN = f"127.0.0.1:{PORT}"

@@ -106,9 +106,13 @@ def test_foreign_host_is_refused_before_auth_on_every_route(gw: Broker) -> None:
                                     "http://127.0.0.1:{port}", ""])
 def test_any_origin_is_refused_even_the_daemons_own(gw: Broker, origin: str) -> None:
     """Outside /ui/ an Origin means a web page sent it: 403, before the token is looked at."""
-    for method, target in ROUTES:
-        reply = gw.http(method, target, headers=[("Origin", origin.format(port=gw.port))],
-                        body=EMBED if method == "POST" else None)
+    def send(method: str, target: str) -> Reply:
+        return gw.http(method, target, headers=[("Origin", origin.format(port=gw.port))],
+                       body=EMBED if method == "POST" else None)
+
+    with ThreadPoolExecutor(len(ROUTES)) as pool:  # at once: each refusal is slowed
+        replies = list(pool.map(lambda route: send(*route), ROUTES))
+    for (_method, target), reply in zip(ROUTES, replies, strict=True):
         assert (reply.status, reply.code) == (403, "origin_not_allowed"), target
     assert gw.upstream_count() == 0
 
@@ -117,8 +121,10 @@ def test_cors_preflight_gets_no_cors_grant(gw: Broker) -> None:
     """A preflight is refused and no reply ever carries an Access-Control-* header."""
     preflight = [("Origin", "http://evil.example"), ("Access-Control-Request-Method", "POST"),
                  ("Access-Control-Request-Headers", "authorization, content-type")]
-    replies = [gw.http("OPTIONS", target, headers=preflight, token=None)
-               for target in ("/proxy/openai/v1/embeddings", "/v1/leases", "/v1/health")]
+    targets = ("/proxy/openai/v1/embeddings", "/v1/leases", "/v1/health")
+    with ThreadPoolExecutor(len(targets)) as pool:  # at once: each refusal is slowed
+        replies = list(pool.map(
+            lambda target: gw.http("OPTIONS", target, headers=preflight, token=None), targets))
     assert [(r.status, r.code) for r in replies] == [(403, "origin_not_allowed")] * 3
     replies += [gw.http("OPTIONS", "/proxy/openai/v1/embeddings"),
                 gw.http("GET", "/v1/health"), gw.post("openai", "v1/embeddings")]

@@ -24,6 +24,24 @@ class Config:
     audit_fsync: str = "batch"
     rotate_after_days: int = 90  # `check` warns about secrets older than this
     providers: dict[str, Any] = field(default_factory=dict)  # raw tables; see providers.py
+    teams: dict[str, TeamConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    """`[teams.NAME]`: a team vault's git work tree, and how its refs are served."""
+    name: str
+    path: str
+    ref: str = "HEAD"  # e.g. "refs/remotes/origin/main": only what was pushed
+    prefix: str = ""  # refs are served as prefix + ref; "" means NAME + "."
+    max_stale_hours: int = 168  # `check` warns when the served commit is older
+
+    @property
+    def ref_prefix(self) -> str:
+        return self.prefix or f"{self.name}."
+
+
+_TEAM_KEYS: dict[str, type] = {"path": str, "ref": str, "prefix": str, "max_stale_hours": int}
 
 
 # section -> key -> (accepted types, Config field name); one table owns the schema.
@@ -53,9 +71,13 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
         raise ConfigError(f"{source}: {exc}") from None
     values: dict[str, Any] = {}
     providers: dict[str, Any] = {}
+    teams: dict[str, TeamConfig] = {}
     for section, body in doc.items():
         if section == "providers":
             providers = _parse_providers(body, source)
+            continue
+        if section == "teams":
+            teams = _parse_teams(body, source)
             continue
         keys = _SCHEMA.get(section)
         if keys is None:
@@ -76,7 +98,25 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
             if isinstance(value, int | float) and value <= 0:
                 raise ConfigError(f"{source}: [{section}] {key} must be positive")
             values[name] = value
-    return Config(**values, providers=providers)
+    return Config(**values, providers=providers, teams=teams)
+
+
+def _parse_teams(body: Any, source: str) -> dict[str, TeamConfig]:
+    if not isinstance(body, dict) or not all(isinstance(t, dict) for t in body.values()):
+        raise ConfigError(f"{source}: [teams] must hold tables like [teams.acme]")
+    teams = {}
+    for name, table in body.items():
+        for key, value in table.items():
+            want = _TEAM_KEYS.get(key)
+            if want is None:
+                raise ConfigError(f"{source}: unknown key '{key}' in [teams.{name}]; known: "
+                                  f"{', '.join(_TEAM_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ConfigError(f"{source}: [teams.{name}] {key} must be {want.__name__}")
+        if "path" not in table:
+            raise ConfigError(f"{source}: [teams.{name}] needs path (the git work tree)")
+        teams[name] = TeamConfig(name, **table)
+    return teams
 
 
 def _parse_providers(body: Any, source: str) -> dict[str, Any]:

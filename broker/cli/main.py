@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import html
-import json
 import os
 import secrets
 import sys
@@ -20,59 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from broker import __version__
+from broker.cli.common import EXIT_CODES, JSON
+from broker.cli.common import context as _context
+from broker.cli.common import print_json as _print_json
+from broker.cli.common import print_table as _print_table
+from broker.cli.common import read_value as _read_value
 from broker.config import load_config
 from broker.core.errors import BrokerError, UsageError
 from broker.core.home import Home, open_private, private_dir, without_broker_vars
 from broker.core.text import printable
 
 if TYPE_CHECKING:
-    from broker.service.context import Context
     from broker.service.secrets import Secrets
-
-EXIT_CODES = """\
-exit codes: 0 ok, 1 error, 2 usage, 3 secret not found, 4 denied,
-            5 unlock or decrypt failure, 6 broker not running"""
-JSON = "print JSON instead of a table or text"
-
-
-def _context(args: argparse.Namespace) -> Context:
-    from broker.service.context import Context
-
-    home = Home.from_env()
-    home.require()
-    return Context.open(home)
-
 
 def _secrets(args: argparse.Namespace) -> Secrets:
     from broker.service.secrets import Secrets
 
     return Secrets(_context(args))
-
-
-def _print_json(doc: object) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=False))
-
-
-def _print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    cells = [list(header)] + [["-" if c is None else printable(str(c)) for c in row]
-                              for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _read_value(args: argparse.Namespace, prompt: str) -> str:
-    """From stdin with --stdin (one trailing newline stripped), else a hidden TTY prompt."""
-    if args.stdin:
-        value = sys.stdin.read()
-        for newline in ("\r\n", "\n"):
-            if value.endswith(newline):
-                value = value[: -len(newline)]
-                break
-        return value
-    if not sys.stdin.isatty():
-        raise UsageError("no terminal to prompt on; pipe the value in with --stdin")
-    return getpass.getpass(prompt)
 
 
 def _read_text(path: str) -> str:
@@ -726,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "(exit 1 on an error)")
     sp.add_argument("--json", action="store_true", help=JSON)
     sp.add_argument("--fix", action="store_true", help="repair file modes (nothing else)")
+
+    from broker.cli.team import add_commands as add_team_commands
+
+    add_team_commands(sub, command)
 
     from broker.cli.completions import SHELLS
 

@@ -77,6 +77,21 @@ class UnlockFailed(BrokerError):
     exit_code = 5
 
 
+class TeamInvalid(BrokerError):
+    """A team vault's commit fails verification (integrity or rollback), or a value in it
+    cannot be decrypted with this member's identity. The message names the file and rule."""
+
+    code = "team_invalid"
+    status = 503
+    exit_code = 5
+
+
+class GitFailed(BrokerError):
+    """git refused (a dirty checkout, a non-fast-forward, a rejected push) or is missing."""
+
+    code = "git_failed"
+
+
 class KeychainUnavailable(BrokerError):
     code = "keychain_unavailable"
     status = 503

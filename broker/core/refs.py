@@ -15,6 +15,7 @@ REF_RE = re.compile(REF_PATTERN)
 AT_REF_RE = re.compile(rf"@?{REF_PATTERN}")  # as written in files: "@" optional
 CONSUMER_RE = REF_RE  # a consumer name uses the same characters as a ref
 PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+TEAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # teams, their members and groups
 
 
 def parse_ref(text: str) -> str:

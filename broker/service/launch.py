@@ -30,15 +30,23 @@ class Launch:
         """
         secrets = Secrets(self.ctx)
         wanted = list(dict.fromkeys(parse_ref(ref) for ref in refs))
-        missing = [ref for ref in wanted if self.ctx.metadata.find(ref) is None]
+        local, served = wanted, {}
+        if self.ctx.session.config.teams:  # only then pay for the team modules (age, nacl)
+            from broker.service.team import Teams
+
+            teams = Teams(self.ctx)
+            local = teams.split_refs(wanted)[0]
+            served = teams.values(r for r in wanted if r not in local)
+        missing = [ref for ref in local if self.ctx.metadata.find(ref) is None]
         if missing:
             raise SecretNotFound(f"no secret {', '.join('@' + r for r in missing)}; "
                                  "see `secret-broker list`")
-        values = {ref: secrets.value(ref) for ref in wanted}
+        values = {ref: secrets.value(ref) for ref in local} | served
         for ref in wanted:
             self.ctx.record(event, secret_ref=ref, consumer=consumer,
                             env=None if env is None else env[ref], outcome="allowed")
-            secrets.touch(ref)
+            if ref in local:
+                secrets.touch(ref)
         return values
 
     def authorized_profile(self, name: str) -> Profile:

@@ -9,8 +9,7 @@ document, format version 1:
      "grants": "<secrets.grants.toml text>" | null,
      "profiles": "<profiles.toml text>" | null}
 
-pyrage (the Rust age implementation) is imported only when a file is encrypted or opened:
-it is the optional extra `secret-broker[export]`.
+The age format comes from pyrage (the Rust age implementation), as for team vaults.
 """
 
 from __future__ import annotations
@@ -20,8 +19,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+import pyrage
 
 from broker.core.clock import parse_rfc3339, rfc3339
 from broker.core.errors import BrokerError, UnlockFailed, UsageError
@@ -128,19 +128,8 @@ def _secret(entry: Any, n: int, bad: Callable[[str], BrokerError]) -> ExportedSe
 # --- age, through pyrage ---------------------------------------------------------------------
 
 
-def _pyrage() -> ModuleType:
-    try:
-        import pyrage  # the optional extra secret-broker[export]
-    except ImportError:
-        raise BrokerError("export and import need the age library pyrage: "
-                          "pip install 'secret-broker[export]'") from None
-    module: ModuleType = pyrage
-    return module
-
-
 def parse_recipients(texts: Sequence[str]) -> list[Any]:
     """`age1…` X25519 recipients; a typo is refused before any value is read."""
-    pyrage = _pyrage()
     recipients = []
     for text in texts:
         try:
@@ -152,7 +141,6 @@ def parse_recipients(texts: Sequence[str]) -> list[Any]:
 
 def read_identities(path: Path) -> list[Any]:
     """An age identity file (`age-keygen` output): AGE-SECRET-KEY-1… lines, # comments."""
-    pyrage = _pyrage()
     check_private(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -175,7 +163,6 @@ def read_identities(path: Path) -> list[Any]:
 
 
 def encrypt(payload: bytes, *, recipients: Sequence[Any], passphrase: str | None) -> bytes:
-    pyrage = _pyrage()
     try:
         if passphrase is not None:
             return bytes(pyrage.passphrase.encrypt(payload, passphrase))
@@ -192,7 +179,6 @@ def is_passphrase_file(blob: bytes) -> bool:
 
 def decrypt(blob: bytes, source: str, *, identities: Sequence[Any],
             passphrase: str | None) -> bytes:
-    pyrage = _pyrage()
     try:
         if passphrase is not None:
             return bytes(pyrage.passphrase.decrypt(blob, passphrase))

@@ -38,6 +38,9 @@ FIELDS = (
     "status", "outcome", "reason", "duration_ms", "bytes_out", "version", "backend", "kind",
     "token_id", "peer", "count", "model", "input_tokens", "output_tokens", "env", "pid",
     "tool",
+    # team vaults: which team, commit and member; public keys and file names, never a value
+    "team", "team_id", "commit", "previous", "fingerprint", "member", "role", "group", "groups",
+    "refs", "rule", "file", "recipient", "signer",
 )
 MIN_FREE_BYTES = 64 * 1024  # room for a few hundred events; below it, refuse instead
 _MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')

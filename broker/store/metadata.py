@@ -72,6 +72,17 @@ _SCHEMA += "".join(
     "SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'; END;\n"
     for name, when in _GENERATION_TRIGGERS.items())  # S608: constant names, not input
 
+# A team vault's rollback memory: what this home pinned and the newest state it verified.
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS team_trust (
+    team TEXT PRIMARY KEY, team_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    commit_id TEXT, generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS team_seqs (
+    team TEXT NOT NULL, ref TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (team, ref)
+);
+"""
+
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
 # NULL means "unknown": adding a known count to it starts from zero, adding NULL keeps it.
 _UPSERT_USAGE = (
@@ -138,6 +149,15 @@ def read_instance_id(path: Path) -> str | None:
     finally:
         db.close()
     return None if row is None else str(row[0])
+
+
+@dataclass(frozen=True)
+class TeamTrust:
+    team_id: str
+    fingerprint: str  # SHA-256 of the genesis roster, pinned at init or join
+    commit: str | None  # the newest commit verified here
+    generation: int
+    seqs: dict[str, int]
 
 
 class Metadata:
@@ -322,3 +342,38 @@ class Metadata:
         rows = self._db.execute("SELECT token_id, day, tokens FROM token_usage WHERE day = ?",
                                 (day,))
         return {(token_id, d): tokens for token_id, d, tokens in rows}
+
+    # --- team vaults: pins and rollback memory -----------------------------------------
+
+    def team_trust(self, team: str) -> TeamTrust | None:
+        row = self._db.execute("SELECT team_id, fingerprint, commit_id, generation "
+                               "FROM team_trust WHERE team = ?", (team,)).fetchone()
+        if row is None:
+            return None
+        seqs = dict(self._db.execute("SELECT ref, seq FROM team_seqs WHERE team = ?", (team,)))
+        return TeamTrust(row[0], row[1], row[2], row[3], seqs)
+
+    def pin_team(self, team: str, team_id: str, fingerprint: str) -> None:
+        """Trust this genesis for `team` from now on, with no history seen yet."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM team_seqs WHERE team = ?", (team,))
+            self._db.execute("INSERT OR REPLACE INTO team_trust VALUES (?, ?, ?, NULL, 0)",
+                             (team, team_id, fingerprint))
+
+    def remember_team(self, team: str, commit: str, generation: int, seqs: dict[str, int], *,
+                      reset: bool = False) -> None:
+        """The newest verified commit; marks only grow, unless `reset` (trust-reset)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if reset:
+                self._db.execute("DELETE FROM team_seqs WHERE team = ?", (team,))
+                self._db.execute("UPDATE team_trust SET commit_id = ?, generation = ? "
+                                 "WHERE team = ?", (commit, generation, team))
+            else:
+                self._db.execute("UPDATE team_trust SET commit_id = ?, generation = "
+                                 "MAX(generation, ?) WHERE team = ?", (commit, generation, team))
+            self._db.executemany(
+                "INSERT INTO team_seqs VALUES (?, ?, ?) ON CONFLICT (team, ref) "
+                "DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                [(team, ref, seq) for ref, seq in seqs.items()])

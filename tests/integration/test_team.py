@@ -1,0 +1,463 @@
+"""Team vaults with real git and real age: a bare remote, a clone per member, a home per
+member (alice the admin, bob a writer, the CI host a reader), driven through the CLI.
+
+Tampering is done the way an attacker with push access would: plain git and file edits,
+committed with --no-verify. Values are proven through `exec` (a digest, never printed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from broker.core.home import Home
+from broker.service.context import Context
+from broker.service.team import Teams
+from broker.team import edit
+from broker.team.format import parse_roster, roster_path
+from broker.team.keys import Identity
+from broker.team.verify import Marks, Verified, verify_team
+from tests.conftest import Cli, base_env, scan
+
+VALUE = "sk-team-canary-" + uuid.uuid4().hex
+VALUE_2 = "sk-team-canary2-" + uuid.uuid4().hex
+OPENAI = ".sbteam/secrets/llm/openai_api_key"
+SHA_K = ["sh", "-c", 'printf %s "$K" | sha256sum']
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
+           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def git(repo: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}, check=False, timeout=60)
+    assert proc.returncode == 0 or not check, f"git {args}: {proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class Member:
+    name: str
+    cli: Cli
+    clone: Path
+
+    def team(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return self.cli("team", *args, "--dir", str(self.clone), **kw)  # type: ignore[arg-type]
+
+    def ok(self, *args: str, **kw: object) -> str:
+        proc = self.team(*args, **kw)
+        assert proc.returncode == 0, f"team {args}: exit {proc.returncode}\n{proc.stdout}" \
+                                     f"{proc.stderr}"
+        return proc.stdout
+
+    def digest(self, ref: str = "@acme.openai_api_key") -> str:
+        return self.cli.ok("exec", "--env", f"K={ref}", "--", *SHA_K).split()[0]
+
+    def exec_code(self, ref: str = "@acme.openai_api_key") -> int:
+        return self.cli("exec", "--env", f"K={ref}", "--", "true").returncode
+
+    def identity(self) -> object:
+        ctx = Context.open(Home(self.cli.home), self.cli.env)
+        return Teams(ctx).identity()
+
+
+@dataclass
+class World:
+    root: Path
+    remote: Path
+    members: dict[str, Member] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def __getitem__(self, name: str) -> Member:
+        return self.members[name]
+
+    def outputs(self) -> list[str]:
+        return [text for m in self.members.values() for text in m.cli.outputs]
+
+
+def new_member(world: World, name: str) -> Member:
+    home = world.root / f"home-{name}"
+    cli = Cli(home, base_env(home, **GIT_ENV))
+    cli.ok("init", "--backend", "file-vault")
+    clone = world.root / name
+    git(world.root, "clone", "-q", str(world.remote), str(clone))
+    member = Member(name, cli, clone)
+    world.members[name] = member
+    return member
+
+
+def add_reader(world: World, name: str, role: str, groups: list[str], host: bool = False
+               ) -> Member:
+    member = new_member(world, name)
+    out = member.ok("join", "--fingerprint", world.fingerprint, "--as", name,
+                    *(["--host"] if host else []))
+    card = out.strip().splitlines()[-1]
+    alice = world["alice"]
+    alice.ok("member", "add", name, "--card", card, "--role", role,
+             *[a for g in groups for a in ("--group", g)])
+    alice.ok("sync")
+    member.ok("pull")
+    return member
+
+
+def build_world(root: Path) -> World:
+    remote = root / "remote.git"
+    git(root, "init", "-q", "--bare", "--initial-branch=main", str(remote))
+    world = World(root, remote)
+    alice = new_member(world, "alice")
+    git(alice.clone, "checkout", "-q", "-b", "main")
+    git(alice.clone, "commit", "-q", "--allow-empty", "-m", "start")
+    git(alice.clone, "push", "-q", "-u", "origin", "main")
+    out = alice.ok("init", "--name", "acme", "--as", "alice")
+    world.fingerprint = out.split("fingerprint: ", 1)[1].splitlines()[0]
+    alice.ok("group", "add", "llm")
+    alice.ok("group", "add", "prod")
+    alice.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+             input=VALUE)
+    alice.ok("set", "@db_password", "--group", "prod", "--provider", "postgres", "--kind",
+             "password", "--stdin", input=VALUE_2)
+    alice.ok("sync")
+    add_reader(world, "bob", "writer", ["llm"])
+    add_reader(world, "ci", "reader", ["llm"], host=True)
+    for m in world.members.values():
+        m.ok("pull")
+    return world
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
+    yield build_world(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_members_share_and_rotate_keys_through_git(world: World) -> None:
+    alice, bob, ci = world["alice"], world["bob"], world["ci"]
+    assert {m.digest() for m in (alice, bob, ci)} == {sha(VALUE)}
+    assert alice.digest("@acme.db_password") == sha(VALUE_2)
+    assert ci.exec_code("@acme.db_password") == 5  # not a reader of prod: cannot decrypt
+    assert bob.exec_code("@acme.nothing_here") == 3
+    bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+           input="sk-rotated-by-bob-0123456789")
+    bob.ok("sync")
+    for m in (alice, ci):
+        m.ok("pull")
+        assert m.digest() == sha("sk-rotated-by-bob-0123456789")
+    listed = json.loads(ci.ok("list", "--json"))
+    openai = next(d for d in listed if d["ref"] == "openai_api_key")
+    assert (openai["version"], openai["signer"], openai["readable_here"]) == (2, "bob", True)
+    status = json.loads(ci.ok("status", "--json"))
+    assert (status["member"], status["role"], status["groups"]) == ("ci", "reader", ["llm"])
+    assert status["hook_installed"] is True
+    assert ci.team("set", "@x", "--group", "llm", "--provider", "p", "--stdin",
+                   input="v-0123456789").returncode == 2  # a reader cannot write
+    audit = (alice.cli.home / "audit.log").read_text()
+    for event in ("team.initialized", "team.member_added", "secret.added"):
+        assert f'"event":"{event}"' in audit
+    leaks = scan([*world.outputs(), audit, git(alice.clone, "log", "-p", "--all")],
+                 VALUE, VALUE_2, "AGE-SECRET-KEY-1")
+    assert leaks == []
+
+
+def test_sync_between_clones_rebases_and_a_conflict_changes_nothing(world: World) -> None:
+    alice, bob = world["alice"], world["bob"]
+    alice.ok("set", "@jina_api_key", "--group", "llm", "--provider", "jina", "--stdin",
+             input="jina-0123456789abcdef")
+    bob.ok("set", "@voyage_api_key", "--group", "llm", "--provider", "voyage", "--stdin",
+           input="voyage-0123456789abcdef")
+    alice.ok("sync")
+    bob.ok("sync")  # rebases bob's commit onto alice's
+    alice.ok("pull")
+    refs = {d["ref"] for d in json.loads(alice.ok("list", "--json"))}
+    assert {"jina_api_key", "voyage_api_key", "openai_api_key"} <= refs
+    # Both change the same ref: the second sync stops, naming the file, and changes nothing.
+    alice.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+             input="from-alice-0123456789")
+    bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+           input="from-bob-0123456789")
+    alice.ok("sync")
+    head = git(bob.clone, "rev-parse", "HEAD")
+    failed = bob.team("sync")
+    assert failed.returncode == 1 and "openai_api_key" in failed.stderr
+    assert git(bob.clone, "rev-parse", "HEAD") == head
+    assert git(bob.clone, "status", "--porcelain") == ""
+    # A plain pull refuses the non-fast-forward (exit 1), also changing nothing.
+    assert bob.team("pull").returncode == 1
+    assert git(bob.clone, "rev-parse", "HEAD") == head
+
+
+def test_a_removed_member_loses_what_is_written_after(world: World) -> None:
+    alice, bob, ci = world["alice"], world["bob"], world["ci"]
+    before = git(alice.clone, "rev-parse", "HEAD").strip()
+    out = alice.ok("member", "remove", "bob")
+    assert "@openai_api_key" in out and "db_password" not in out  # bob never read prod
+    alice.ok("sync")
+    for m in (bob, ci):
+        m.ok("pull")
+    assert bob.exec_code() == 5  # re-encrypted without bob
+    assert ci.digest() == sha(VALUE)
+    # What bob pulled before the removal stays his: the old commit still opens with his key.
+    identity = bob.identity()
+    assert isinstance(identity, Identity)
+    old = verify_team(None, Marks(), _files(alice.clone, before))
+    assert isinstance(old, Verified)
+    assert edit.value_of(old, "openai_api_key", identity) == VALUE
+    status = json.loads(alice.ok("status", "--json"))
+    assert status["to_rotate"] == {"openai_api_key": ["bob"]}
+    alice.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+             input="sk-after-bob-0123456789")
+    assert json.loads(alice.ok("status", "--json"))["to_rotate"] == {}
+    alice.ok("sync")
+    ci.ok("pull")
+    # bob's new signature is refused by everyone: a forged rotation does not verify.
+    bob.ok("pull")
+    team = verify_team(None, Marks(), _files(bob.clone, "HEAD"))
+    assert isinstance(team, Verified)
+    forged = edit.set_secret(team, "llm", "openai_api_key", "sk-evil-0123456789",
+                             edit.Actor("bob", identity, "2026-01-01T00:00:00Z"),
+                             provider="openai", kind="api_key")
+    _commit_files(bob.clone, forged, "rotate")
+    git(bob.clone, "push", "-q", "origin", "HEAD:main")
+    pulled = ci.team("pull")
+    assert pulled.returncode == 5 and "envelope-signature" in pulled.stderr
+    assert ci.digest() == sha("sk-after-bob-0123456789")  # the checkout did not move
+
+
+def _files(repo: Path, commit: str) -> dict[str, bytes]:
+    from broker.team.gitrepo import Repo
+
+    return Repo(repo).files(git(repo, "rev-parse", commit).strip())
+
+
+def _commit_files(repo: Path, files: dict[str, bytes | None], message: str) -> None:
+    for path, data in files.items():
+        if data is None:
+            (repo / path).unlink()
+        else:
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            (repo / path).write_bytes(data)
+    git(repo, "add", "-A", ".sbteam")
+    git(repo, "commit", "-q", "--no-verify", "-m", message)
+
+
+def _write(repo: Path, path: str, data: bytes) -> None:
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_bytes(data)
+
+
+def _edit_json(repo: Path, path: str, **changes: object) -> None:
+    doc = json.loads((repo / path).read_text())
+    doc.update(changes)
+    (repo / path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _other_genesis(world: World) -> bytes:
+    other = world.root / "other"
+    git(world.root, "init", "-q", str(other))
+    eve = Cli(world.root / "home-eve", base_env(world.root / "home-eve", **GIT_ENV))
+    eve.ok("init", "--backend", "file-vault")
+    eve.ok("team", "init", "--name", "acme", "--as", "alice", "--dir", str(other))
+    return (other / roster_path(1)).read_bytes()
+
+
+TAMPER = {
+    "format": lambda w, c: _write(c, ".sbteam/FORMAT", b"sb-team/2\n"),
+    "parse": lambda w, c: _edit_json(c, OPENAI + ".json", extra="x"),
+    "unknown-file": lambda w, c: _write(c, ".sbteam/notes.txt", b"hello"),
+    "fingerprint": lambda w, c: _write(c, roster_path(1), _other_genesis(w)),
+    "roster-chain": lambda w, c: (c / roster_path(2)).unlink(),
+    "roster-signature": lambda w, c: _edit_json(c, roster_path(2), created_at="2020-01-01"),
+    "envelope-signature": lambda w, c: _edit_json(c, OPENAI + ".json", provider="evil"),
+    "binding": lambda w, c: [shutil.copy(c / (OPENAI + s), c / f".sbteam/secrets/llm/x{s}")
+                             for s in (".age", ".json")],
+    "age-digest": lambda w, c: shutil.copy(c / ".sbteam/secrets/prod/db_password.age",
+                                           c / (OPENAI + ".age")),
+    "pairing": lambda w, c: (c / (OPENAI + ".age")).unlink(),
+    "vanished": lambda w, c: [(c / (OPENAI + s)).unlink() for s in (".age", ".json")],
+}
+
+
+@pytest.mark.parametrize("rule", sorted(TAMPER))
+def test_each_rule_broken_in_git_is_named_and_refused(world: World, rule: str) -> None:
+    ci = world["ci"]
+    good = git(ci.clone, "rev-parse", "HEAD").strip()
+    TAMPER[rule](world, ci.clone)
+    git(ci.clone, "add", "-A", ".sbteam")
+    git(ci.clone, "commit", "-q", "--no-verify", "-m", f"tamper: {rule}")
+    checked = ci.team("check", "--json")
+    assert checked.returncode == 1
+    errors = json.loads(checked.stdout)["errors"]
+    assert any(f"(rule {rule}:" in e for e in errors), errors
+    assert ci.exec_code() == 5
+    assert f'"rule":"{rule}"' in (ci.cli.home / "audit.log").read_text()
+    git(ci.clone, "reset", "-q", "--hard", good)
+    assert ci.digest() == sha(VALUE)  # back by itself with a valid commit
+
+
+def test_rollbacks_are_refused_until_a_trust_reset(world: World) -> None:
+    alice, ci = world["alice"], world["ci"]
+    alice.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+             input="sk-v2-0123456789")
+    alice.ok("sync")
+    ci.ok("pull")
+    assert ci.digest() == sha("sk-v2-0123456789")
+    new = git(ci.clone, "rev-parse", "HEAD").strip()
+    # 1. git revert: a new commit, descending, whose envelope seq went back.
+    git(ci.clone, "revert", "--no-edit", "HEAD")
+    assert ci.exec_code() == 5
+    assert "rollback" in ci.team("check").stdout
+    git(ci.clone, "reset", "-q", "--hard", new)
+    # 2. An old file copied back into a new commit.
+    for suffix in (".age", ".json"):
+        _write(ci.clone, OPENAI + suffix, _blob(ci.clone, f"{new}~1:{OPENAI}{suffix}"))
+    git(ci.clone, "commit", "-q", "--no-verify", "-am", "old file")
+    assert ci.exec_code() == 5
+    # 3. A force-pushed remote: the old history comes back as the branch.
+    git(alice.clone, "push", "-q", "--force", "origin", f"{new}~1:main")
+    git(ci.clone, "fetch", "-q", "origin")
+    git(ci.clone, "reset", "-q", "--hard", "origin/main")
+    assert ci.exec_code() == 5
+    assert '"event":"team.rollback_refused"' in (ci.cli.home / "audit.log").read_text()
+    # A deliberate rewrite is accepted with trust-reset (audited), and only then.
+    ci.ok("trust-reset", "--to", "HEAD")
+    assert ci.digest() == sha(VALUE)
+    assert '"event":"team.trust_reset"' in (ci.cli.home / "audit.log").read_text()
+
+
+def _blob(repo: Path, spec: str) -> bytes:
+    return subprocess.run(["git", "show", spec], cwd=repo, capture_output=True, check=True,
+                          env={**os.environ, **GIT_ENV}).stdout
+
+
+def test_bad_input_is_refused_and_changes_nothing(world: World) -> None:
+    alice, bob = world["alice"], world["bob"]
+    config = (alice.cli.home / "config.toml").read_text()
+    head = git(alice.clone, "rev-parse", "HEAD")
+    card = bob.ok("card").strip()
+    cases = [
+        (["member", "add", "carol", "--card", card, "--role", "reader"], 2, "bob's"),
+        (["member", "add", "bob2", "--card", card[:-6] + "AAAAAA", "--role", "reader"], 2,
+         "card"),
+        (["grant", "bob", "nope"], 2, "llm, prod"),
+        (["group", "add", "Bad Name"], 2, "a-z 0-9"),
+        (["set", "@k", "--group", "nope", "--provider", "p", "--stdin"], 2, "llm, prod"),
+        (["set", "@k", "sk-on-the-command-line", "--group", "llm", "--provider", "p"], 2, ""),
+        (["member", "remove", "nobody"], 3, "nobody"),
+    ]
+    for args, code, words in cases:
+        proc = alice.team(*args, input="v-0123456789")
+        assert proc.returncode == code, (args, proc.stderr)
+        assert words in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    # A dirty .sbteam/ stops a change before anything is written.
+    (alice.clone / roster_path(1)).write_text((alice.clone / roster_path(1)).read_text() + " ")
+    proc = alice.team("group", "add", "new")
+    assert proc.returncode == 1 and "uncommitted" in proc.stderr
+    git(alice.clone, "checkout", "-q", "--", ".sbteam")
+    # A wrong fingerprint: exit 5, nothing registered.
+    carol = new_member(world, "carol")
+    proc = carol.team("join", "--fingerprint", "0" * 64, "--as", "carol")
+    assert proc.returncode == 5 and "fingerprint" in proc.stderr
+    assert "[teams" not in (carol.cli.home / "config.toml").read_text()
+    assert (alice.cli.home / "config.toml").read_text() == config
+    assert git(alice.clone, "rev-parse", "HEAD") == head
+    # A push the remote rejects: sync says so (exit 1).
+    hook = world.remote / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'rejected by policy' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    alice.ok("group", "add", "later")
+    proc = alice.team("sync")
+    assert proc.returncode == 1 and "rejected" in proc.stderr
+
+
+# --- the pre-commit guard ----------------------------------------------------------------
+
+
+def _commit_code(repo: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "commit", "-q", "-m", "x"], cwd=repo, capture_output=True,
+                          text=True, env={**(env or os.environ), **GIT_ENV}, check=False)
+
+
+def test_the_guard_refuses_keys_in_staged_blobs(world: World) -> None:
+    bob = world["bob"]
+    env = bob.cli.env
+    key = "AGE-SECRET-KEY-1" + "QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L" * 2
+    cases = {  # rule: (file content, the part that must never be printed)
+        "age-secret-key": (key, key[16:]),
+        "pem-private-key": ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n"
+                            "-----END PRIVATE KEY-----\n", "MIIEvQIBADANBg"),
+        "openssh-private-key": ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE\n",
+                                "b3BlbnNzaC1rZXktdjE"),
+        "putty-private-key": ("PuTTY-User-Key-File-3: ssh-ed25519\nPrivate-Lines: 1\n",
+                              "Private-Lines"),
+        "broker-token": ("token = sbt_" + "a" * 40 + "\n", "a" * 40),
+    }
+    for rule, (text, secret) in cases.items():
+        (bob.clone / "leak.txt").write_text(text)
+        git(bob.clone, "add", "leak.txt")
+        (bob.clone / "leak.txt").unlink()  # gone from the working tree, still staged
+        refused = _commit_code(bob.clone, env)
+        assert refused.returncode != 0 and "leak.txt" in refused.stderr, rule
+        assert secret not in refused.stderr
+        git(bob.clone, "rm", "-q", "--cached", "leak.txt")
+    (bob.clone / "vault.key").write_text("x")
+    git(bob.clone, "add", "vault.key")
+    assert _commit_code(bob.clone, env).returncode != 0
+    git(bob.clone, "rm", "-q", "--cached", "vault.key")
+    # A stored value of this machine (bob's store holds none: add one), raw.
+    bob.cli.add("@local_key", "sk-local-canary-0123456789")
+    (bob.clone / "notes.txt").write_text("key: sk-local-canary-0123456789\n")
+    git(bob.clone, "add", "notes.txt")
+    refused = _commit_code(bob.clone, env)
+    assert refused.returncode != 0 and "stored" in refused.stderr
+    assert "sk-local-canary" not in refused.stderr
+    git(bob.clone, "rm", "-q", "--cached", "notes.txt")
+
+
+def test_the_guard_goes_first_and_fails_closed(world: World) -> None:
+    bob = world["bob"]
+    hook = bob.clone / ".git" / "hooks" / "pre-commit"
+    bob.ok("hook", "uninstall")
+    hook.write_text("#!/bin/sh\necho existing hook\nexit 0\n")
+    hook.chmod(0o755)
+    bob.ok("hook", "install")
+    assert hook.read_text().splitlines()[0] == "#!/bin/sh"
+    assert "existing hook" in hook.read_text()
+    (bob.clone / "leak.txt").write_text("sbt_" + "b" * 40)
+    git(bob.clone, "add", "leak.txt")
+    assert _commit_code(bob.clone, bob.cli.env).returncode != 0
+    # Without secret-broker on PATH the hook fails the commit instead of skipping the scan.
+    bare = {**bob.cli.env, "PATH": "/usr/bin:/bin"}
+    missing = _commit_code(bob.clone, bare)
+    assert missing.returncode != 0
+    # Skipped with --no-verify: `team check --ci` (no home needed) catches it in CI.
+    git(bob.clone, "commit", "-q", "--no-verify", "-m", "skip the hook")
+    ci_check = subprocess.run(["secret-broker", "team", "check", "--ci", "--dir",
+                               str(bob.clone)], capture_output=True, text=True,
+                              env={k: v for k, v in bob.cli.env.items()
+                                   if k != "SECRET_BROKER_HOME"}, check=False)
+    assert ci_check.returncode == 1 and "leak.txt" in ci_check.stdout
+    assert "sbt_bbbb" not in ci_check.stdout
+
+
+def test_team_refs_are_kept_apart_from_local_refs(world: World) -> None:
+    ci = world["ci"]
+    ci.cli.add("@acme.openai_api_key", "sk-local-clash-0123456789")
+    proc = ci.cli("exec", "--env", "K=@acme.openai_api_key", "--", "true")
+    assert proc.returncode == 5 and "both a local secret" in proc.stderr
+    roster = parse_roster(roster_path(1), (ci.clone / roster_path(1)).read_bytes())
+    assert roster.team_name == "acme"

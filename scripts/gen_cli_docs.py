@@ -26,11 +26,13 @@ OUT = ROOT / "docs" / "cli.md"
 # When each exit code happens; the codes themselves come from the parser's epilog.
 EXAMPLES = {
     0: "the command did what it was asked (`grants explain`: the grant allows it)",
-    1: "an error: an invalid file, a file others can read, a clash, the audit log unwritable",
+    1: "an error: an invalid file, a file others can read, a clash, the audit log unwritable, "
+       "git refusing (a dirty checkout, a non-fast-forward, a rejected push)",
     2: "bad usage: an unknown flag, a malformed ref, a template typo, a value over 64 KiB",
     3: "a secret, token or profile that does not exist",
     4: "denied by the grants (or their absence), a wrong token, a budget spent",
-    5: "the store does not unlock, or a value does not decrypt",
+    5: "the store does not unlock, a value does not decrypt, or a team's commit fails "
+       "verification (tampering, rollback)",
     6: "the broker is not running (or its port is not yours)",
 }
 

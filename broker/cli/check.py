@@ -243,12 +243,14 @@ def check_grant_refs(scene: Scene) -> list[Finding]:
     if scene.grants is None:
         return []
     known = {m.ref for m in scene.secrets}
+    prefixes = tuple(t.ref_prefix for t in scene.config.teams.values())
     named = {g.secret_ref for g in scene.grants}
     path = scene.home.grants
     return [warning("grants", f"grant {g.index} (line {g.line}) names @{g.secret_ref}, "
                               "which is not stored",
                     f"add @{g.secret_ref}, or delete that grant from {path}")
-            for g in scene.grants if g.secret_ref not in known] + [
+            for g in scene.grants if g.secret_ref not in known
+            and not (prefixes and g.secret_ref.startswith(prefixes))] + [
             warning("grants", f"no grant names @{ref}, so nothing can use it through the broker",
                     f"add a [[grants]] table with secret_ref = \"{ref}\" to {path}, "
                     f"or `secret-broker remove @{ref}`")
@@ -341,10 +343,25 @@ def check_daemon(scene: Scene) -> list[Finding]:
     return []
 
 
+def check_teams(scene: Scene) -> list[Finding]:
+    """Every configured team: its verification, the guard's scan, rotations due."""
+    if not scene.config.teams:
+        return []
+    from broker.service.team_check import check_team  # only homes with teams pay for age
+
+    findings = []
+    for name, team in sorted(scene.config.teams.items()):
+        report = check_team(team.path, name, ci=False)
+        fix = f"see `secret-broker team check --team {name}`"
+        findings += [error("team", f"team {name}: {e}", fix) for e in report["errors"]]
+        findings += [warning("team", f"team {name}: {w}", fix) for w in report["warnings"]]
+    return findings
+
+
 CHECKS: tuple[Check, ...] = (
     check_modes, check_env_files, check_config, check_grants, check_profiles, check_kdf,
     check_audit, check_values, check_grant_refs, check_purposes, check_provider_hosts,
-    check_rotation, check_tokens, check_daemon,
+    check_rotation, check_tokens, check_daemon, check_teams,
 )
 
 

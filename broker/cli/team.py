@@ -94,6 +94,14 @@ def _status_doc(checkout: Checkout) -> dict[str, Any]:
     }
 
 
+def cmd_identity_export(args: argparse.Namespace) -> int:
+    _teams(args).export_identity(Path(args.output))
+    print(f"wrote this member's age identity to {args.output} (mode 0600): with it, "
+          "`age -d -i FILE SECRET.age` opens a team secret without the broker; delete it "
+          "after use")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     doc = _status_doc(_checkout(args)[1])
     if args.json:
@@ -295,6 +303,12 @@ def add_commands(sub: Any, command: Command) -> None:
                     help="a machine or agent: a reader identity named after the host")
     sp = cmd("card", cmd_card, "print this member's card (public keys, self-signed)")
     sp.add_argument("--as", dest="as_", metavar="NAME", help="the name the card carries")
+    identity = tsub.add_parser("identity", help="this member's private keys").add_subparsers(
+        dest="identity_command", required=True, metavar="SUBCOMMAND")
+    sp = cmd("export", cmd_identity_export,
+             "write the age identity to a new 0600 file, for the `age` tool in an emergency",
+             identity)
+    sp.add_argument("-o", "--output", required=True, metavar="FILE", help="a new file")
     sp = cmd("status", cmd_status, "team, commit, roster, your role, refs to rotate")
     sp.add_argument("--json", action="store_true", help=JSON)
 
@@ -303,10 +317,11 @@ def add_commands(sub: Any, command: Command) -> None:
     sp = cmd("add", cmd_member_add, "add a member from their card", member)
     sp.add_argument("name", help="the member's name (as on the card)")
     sp.add_argument("--card", required=True, help="sbteam-card:1:…")
-    sp.add_argument("--role", required=True, choices=("admin", "writer", "reader"))
+    sp.add_argument("--role", required=True, choices=("admin", "writer", "reader"),
+                    help="admin: everything; writer: its groups; reader: reads its groups")
     sp.add_argument("--group", action="append", default=[], help="a group they read")
     sp = cmd("remove", cmd_member_remove, "remove a member; prints the refs to rotate", member)
-    sp.add_argument("name")
+    sp.add_argument("name", help="the member to remove")
     sp = cmd("list", cmd_member_list, "the roster", member)
     sp.add_argument("--json", action="store_true", help=JSON)
 
@@ -314,27 +329,27 @@ def add_commands(sub: Any, command: Command) -> None:
         dest="group_command", required=True, metavar="SUBCOMMAND")
     for verb in ("add", "remove"):
         sp = cmd(verb, cmd_group, f"{verb} a group", group)
-        sp.add_argument("group")
+        sp.add_argument("group", help="1-64 of a-z 0-9 _ . -")
     for verb, what in (("grant", "let a member read a group"),
                        ("revoke", "stop a member reading a group; prints the refs to rotate")):
         sp = cmd(verb, cmd_grant, what)
-        sp.add_argument("name")
-        sp.add_argument("group")
+        sp.add_argument("name", help="the member")
+        sp.add_argument("group", help="the group")
 
     sp = cmd("set", cmd_set, "store a team secret or a new value (from --stdin or a prompt)")
     sp.add_argument("ref", help="@ref inside the team")
-    sp.add_argument("--group", required=True)
-    sp.add_argument("--provider", required=True)
-    sp.add_argument("--kind", default="api_key")
+    sp.add_argument("--group", required=True, help="the group whose readers get it")
+    sp.add_argument("--provider", required=True, help="openai, google, anthropic, ...")
+    sp.add_argument("--kind", default="api_key", help="api_key (default), token, ...")
     sp.add_argument("--stdin", action="store_true", help="read the value from standard input")
     sp = cmd("rm", cmd_rm, "remove a team secret (a signed tombstone)")
-    sp.add_argument("ref")
+    sp.add_argument("ref", help="@ref inside the team")
     sp = cmd("list", cmd_list, "team secrets (metadata only)")
     sp.add_argument("--json", action="store_true", help=JSON)
     sp = cmd("inspect", cmd_inspect, "one team secret's metadata, as JSON")
-    sp.add_argument("ref")
+    sp.add_argument("ref", help="@ref inside the team")
     sp = cmd("rekey", cmd_rekey, "re-encrypt to the current roster (finishes a removal)")
-    sp.add_argument("--group")
+    sp.add_argument("--group", help="only this group (a writer of it may run this)")
     cmd("pull", cmd_pull, "fetch, verify and fast-forward (refuses an invalid commit)")
     cmd("sync", cmd_sync, "pull, rebase your team commits, verify, push")
     sp = cmd("check", cmd_check, "verify the team and scan for keys (exit 1 on an error)")
@@ -351,4 +366,5 @@ def add_commands(sub: Any, command: Command) -> None:
                        ("run", "scan what is staged (the hook runs this)")):
         cmd(verb, cmd_hook, what, hook)
     sp = cmd("trust-reset", cmd_trust_reset, "accept a rewritten history (audited)")
-    sp.add_argument("--to", required=True, metavar="COMMIT")
+    sp.add_argument("--to", required=True, metavar="COMMIT",
+                    help="the commit to trust from now on (HEAD, a hash, a branch)")

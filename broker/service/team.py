@@ -115,6 +115,17 @@ class Teams:
                            "or `secret-broker team init`")
         return identity
 
+    def export_identity(self, path: Path) -> None:
+        """The age half of this home's identity, in a new 0600 file, for `age -d -i` when
+        the broker cannot run. Never over an existing file, never to a terminal."""
+        identity = self._my_identity()
+        if path.exists():
+            raise UsageError(f"{path} exists; name a new file")
+        write_private(path, (f"# secret-broker team identity ({identity.recipient}); keep it "
+                             "offline and delete it after use\n"
+                             f"{identity.age_secret}\n").encode(), replace=False)
+        self.ctx.record("team.identity_exported", recipient=identity.recipient, file=str(path))
+
     # --- which team -----------------------------------------------------------------------
 
     def configured(self) -> dict[str, TeamConfig]:

@@ -165,6 +165,8 @@ def test_members_share_and_rotate_keys_through_git(world: World) -> None:
     assert status["hook_installed"] is True
     assert ci.team("set", "@x", "--group", "llm", "--provider", "p", "--stdin",
                    input="v-0123456789").returncode == 2  # a reader cannot write
+    report = json.loads(ci.cli("check", "--json").stdout)  # `check` covers the team too
+    assert any(f["check"] == "team" and "one admin" in f["message"] for f in report["warnings"])
     audit = (alice.cli.home / "audit.log").read_text()
     for event in ("team.initialized", "team.member_added", "secret.added"):
         assert f'"event":"{event}"' in audit
@@ -461,3 +463,18 @@ def test_team_refs_are_kept_apart_from_local_refs(world: World) -> None:
     assert proc.returncode == 5 and "both a local secret" in proc.stderr
     roster = parse_roster(roster_path(1), (ci.clone / roster_path(1)).read_bytes())
     assert roster.team_name == "acme"
+
+
+def test_the_emergency_path_opens_a_secret_with_the_age_tool(world: World) -> None:
+    """Without the broker: the member's exported identity and Debian's `age` (then jq)."""
+    ci = world["ci"]
+    key_file = world.root / "ci-identity.txt"
+    out = ci.ok("identity", "export", "-o", str(key_file))
+    assert "AGE-SECRET-KEY" not in out
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert ci.team("identity", "export", "-o", str(key_file)).returncode == 2  # never over
+    plain = subprocess.run(["age", "-d", "-i", str(key_file), str(ci.clone / (OPENAI + ".age"))],
+                           capture_output=True, check=True).stdout
+    assert len(plain) % 256 == 0
+    assert json.loads(plain)["value"] == VALUE
+    assert '"event":"team.identity_exported"' in (ci.cli.home / "audit.log").read_text()

@@ -7,135 +7,32 @@ committed with --no-verify. Values are proven through `exec` (a digest, never pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from broker.core.home import Home
-from broker.service.context import Context
-from broker.service.team import Teams
 from broker.team import edit
 from broker.team.format import parse_roster, roster_path
 from broker.team.keys import Identity
 from broker.team.verify import Marks, Verified, verify_team
 from tests.conftest import Cli, base_env, scan
-
-VALUE = "sk-team-canary-" + uuid.uuid4().hex
-VALUE_2 = "sk-team-canary2-" + uuid.uuid4().hex
-OPENAI = ".sbteam/secrets/llm/openai_api_key"
-SHA_K = ["sh", "-c", 'printf %s "$K" | sha256sum']
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
-           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
-
-
-def sha(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
-def git(repo: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}, check=False, timeout=60)
-    assert proc.returncode == 0 or not check, f"git {args}: {proc.stderr}"
-    return proc.stdout
-
-
-@dataclass
-class Member:
-    name: str
-    cli: Cli
-    clone: Path
-
-    def team(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-        return self.cli("team", *args, "--dir", str(self.clone), **kw)  # type: ignore[arg-type]
-
-    def ok(self, *args: str, **kw: object) -> str:
-        proc = self.team(*args, **kw)
-        assert proc.returncode == 0, f"team {args}: exit {proc.returncode}\n{proc.stdout}" \
-                                     f"{proc.stderr}"
-        return proc.stdout
-
-    def digest(self, ref: str = "@acme.openai_api_key") -> str:
-        return self.cli.ok("exec", "--env", f"K={ref}", "--", *SHA_K).split()[0]
-
-    def exec_code(self, ref: str = "@acme.openai_api_key") -> int:
-        return self.cli("exec", "--env", f"K={ref}", "--", "true").returncode
-
-    def identity(self) -> object:
-        ctx = Context.open(Home(self.cli.home), self.cli.env)
-        return Teams(ctx).identity()
-
-
-@dataclass
-class World:
-    root: Path
-    remote: Path
-    members: dict[str, Member] = field(default_factory=dict)
-    fingerprint: str = ""
-
-    def __getitem__(self, name: str) -> Member:
-        return self.members[name]
-
-    def outputs(self) -> list[str]:
-        return [text for m in self.members.values() for text in m.cli.outputs]
-
-
-def new_member(world: World, name: str) -> Member:
-    home = world.root / f"home-{name}"
-    cli = Cli(home, base_env(home, **GIT_ENV))
-    cli.ok("init", "--backend", "file-vault")
-    clone = world.root / name
-    git(world.root, "clone", "-q", str(world.remote), str(clone))
-    member = Member(name, cli, clone)
-    world.members[name] = member
-    return member
-
-
-def add_reader(world: World, name: str, role: str, groups: list[str], host: bool = False
-               ) -> Member:
-    member = new_member(world, name)
-    out = member.ok("join", "--fingerprint", world.fingerprint, "--as", name,
-                    *(["--host"] if host else []))
-    card = out.strip().splitlines()[-1]
-    alice = world["alice"]
-    alice.ok("member", "add", name, "--card", card, "--role", role,
-             *[a for g in groups for a in ("--group", g)])
-    alice.ok("sync")
-    member.ok("pull")
-    return member
-
-
-def build_world(root: Path) -> World:
-    remote = root / "remote.git"
-    git(root, "init", "-q", "--bare", "--initial-branch=main", str(remote))
-    world = World(root, remote)
-    alice = new_member(world, "alice")
-    git(alice.clone, "checkout", "-q", "-b", "main")
-    git(alice.clone, "commit", "-q", "--allow-empty", "-m", "start")
-    git(alice.clone, "push", "-q", "-u", "origin", "main")
-    out = alice.ok("init", "--name", "acme", "--as", "alice")
-    world.fingerprint = out.split("fingerprint: ", 1)[1].splitlines()[0]
-    alice.ok("group", "add", "llm")
-    alice.ok("group", "add", "prod")
-    alice.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
-             input=VALUE)
-    alice.ok("set", "@db_password", "--group", "prod", "--provider", "postgres", "--kind",
-             "password", "--stdin", input=VALUE_2)
-    alice.ok("sync")
-    add_reader(world, "bob", "writer", ["llm"])
-    add_reader(world, "ci", "reader", ["llm"], host=True)
-    for m in world.members.values():
-        m.ok("pull")
-    return world
+from tests.support.team import (
+    GIT_ENV,
+    OPENAI,
+    VALUE,
+    VALUE_2,
+    World,
+    build_world,
+    git,
+    new_member,
+    sha,
+)
 
 
 @pytest.fixture
@@ -478,3 +375,27 @@ def test_the_emergency_path_opens_a_secret_with_the_age_tool(world: World) -> No
     assert len(plain) % 256 == 0
     assert json.loads(plain)["value"] == VALUE
     assert '"event":"team.identity_exported"' in (ci.cli.home / "audit.log").read_text()
+
+
+def test_groups_revoke_tombstones_inspect_and_rekey(world: World) -> None:
+    alice, bob = world["alice"], world["bob"]
+    members = {m["name"]: m for m in json.loads(alice.ok("member", "list", "--json"))}
+    assert members["ci"]["role"] == "reader" and members["bob"]["groups"] == ["llm"]
+    out = alice.ok("revoke", "bob", "llm")
+    assert "@openai_api_key" in out
+    assert json.loads(alice.ok("status", "--json"))["to_rotate"] == {"openai_api_key": ["bob"]}
+    alice.ok("grant", "bob", "llm")
+    inspected = json.loads(alice.ok("inspect", "@openai_api_key"))
+    assert inspected["recipients"] == ["alice", "bob", "ci"]
+    assert inspected["served_as"] == "@acme.openai_api_key"
+    assert "nothing to re-encrypt" in alice.ok("rekey")
+    alice.ok("rm", "@openai_api_key")
+    alice.ok("sync")
+    bob.ok("pull")
+    assert bob.exec_code() == 3  # removed with a signed tombstone: no such ref
+    assert alice.team("group", "remove", "llm").returncode == 2  # still has members
+    alice.ok("group", "add", "empty")
+    assert "empty" in json.loads(alice.ok("status", "--json"))["team_groups"]
+    alice.ok("group", "remove", "empty")
+    assert json.loads(alice.ok("status", "--json"))["team_groups"] == ["llm", "prod"]
+    assert bob.team("member", "remove", "ci").returncode == 2  # only an admin

@@ -353,6 +353,12 @@ def check_teams(scene: Scene) -> list[Finding]:
     for name, team in sorted(scene.config.teams.items()):
         report = check_team(team.path, name, ci=False)
         fix = f"see `secret-broker team check --team {name}`"
+        findings += [error("team", f"the local secret @{m.ref} has the name of a ref team "
+                                   f"{name} serves (prefix {team.ref_prefix}): neither is "
+                                   "served under that name",
+                           f"rename the local one: add it under another name, then "
+                           f"`secret-broker remove @{m.ref}`")
+                     for m in scene.secrets if m.ref.startswith(team.ref_prefix)]
         findings += [error("team", f"team {name}: {e}", fix) for e in report["errors"]]
         findings += [warning("team", f"team {name}: {w}", fix) for w in report["warnings"]]
     return findings

@@ -95,7 +95,15 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    metas = _secrets(args).all()
+    service = _secrets(args)
+    metas = service.all()
+    if not args.refs and service.ctx.session.config.teams:  # teams: read from git, verified
+        from broker.service.team import Teams
+
+        team_metas, problems = Teams(service.ctx).metas()
+        metas += team_metas
+        for problem in problems:
+            print(f"secret-broker: warning: {problem}", file=sys.stderr)
     if args.refs:  # for shell completion: names from metadata.db only; never unlocks
         for meta in metas:
             print(meta.ref)
@@ -109,11 +117,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    meta = _secrets(args).inspect(args.ref)
-    if args.json:
-        _print_json(meta.as_json())
+    service = _secrets(args)
+    doc: dict[str, object]
+    if service.ctx.session.config.teams and service.ctx.metadata.find(args.ref.lstrip("@")) is None:
+        from broker.service.team import Teams
+
+        doc = Teams(service.ctx).describe(args.ref.lstrip("@"))
     else:
-        for key, value in meta.as_json().items():
+        doc = service.inspect(args.ref).as_json()
+    if args.json:
+        _print_json(doc)
+    else:
+        for key, value in doc.items():
             print(f"{key + ':':14} {'-' if value is None else value}")
     return 0
 

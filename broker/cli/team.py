@@ -89,6 +89,7 @@ def _status_doc(checkout: Checkout) -> dict[str, Any]:
         "member": checkout.me.name if checkout.me else None,
         "role": checkout.me.role if checkout.me else None,
         "groups": list(checkout.me.groups) if checkout.me else [],
+        "team_groups": list(team.roster.groups),
         "secrets": len(team.secrets), "to_rotate": team.to_rotate(),
         "checkout_age_hours": round(age_hours, 1), "hook_installed": installed(checkout.repo),
     }
@@ -225,8 +226,21 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     teams = _teams(args)
     old, new = teams.pull(teams.pick(args.team, _where(args)))
-    print("already up to date" if old == new else f"verified and fast-forwarded to {new[:12]}")
+    print("already up to date" if old == new else f"verified and fast-forwarded to {new[:12]}"
+          + _tell_broker(teams))
     return 0
+
+
+def _tell_broker(teams: Teams) -> str:
+    """Have a running broker read the new commit now, not at its next look (within 2 s)."""
+    from broker.client import BrokerClient
+    from broker.core.errors import BrokerError
+
+    try:
+        BrokerClient(socket_path=teams.ctx.home.socket).request("POST", "/v1/admin/teams/reload")
+    except BrokerError:
+        return ""
+    return "; the running broker serves it now"
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

@@ -61,6 +61,13 @@ class SecretExists(BrokerError):
     status = 409
 
 
+class ReadOnlyBackend(BrokerError):
+    """A write to a ref that a team vault serves: it changes only through `team set`."""
+
+    code = "read_only_backend"
+    status = 409
+
+
 class Denied(BrokerError):
     """A grant (or the lack of one) refuses the request."""
 
@@ -87,9 +94,14 @@ class TeamInvalid(BrokerError):
 
 
 class GitFailed(BrokerError):
-    """git refused (a dirty checkout, a non-fast-forward, a rejected push) or is missing."""
+    """git refused (a dirty checkout, a non-fast-forward, a rejected push) or is missing.
+    `transient`: a lock file or a timeout, worth trying again later."""
 
     code = "git_failed"
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class KeychainUnavailable(BrokerError):

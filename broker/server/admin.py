@@ -17,6 +17,7 @@ from broker.core.clock import rfc3339
 from broker.core.errors import UsageError
 from broker.server.inputs import VALUE_JSON_LIMIT, json_body
 from broker.server.state import ACCESS, ADMIN, SECRETS, SERVICE
+from broker.server.teams import TEAMS
 from broker.service.queries import Queries
 from broker.service.secrets import Secrets
 from broker.service.tokens import Tokens
@@ -162,6 +163,19 @@ async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(verdict.as_json())
 
 
+# --- team vaults -----------------------------------------------------------------------------
+
+
+async def list_teams(request: web.Request) -> web.Response:
+    return web.json_response({"teams": request.app[TEAMS].as_json()})
+
+
+async def reload_teams(request: web.Request) -> web.Response:
+    """Read and verify every team's commit now (`team pull` calls it after a pull)."""
+    await request.app[TEAMS].refresh(force=True)
+    return web.json_response({"teams": request.app[TEAMS].as_json()})
+
+
 # Mounted by the app under /v1/admin, and again under /ui/api for the dashboard.
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/secrets", list_secrets),
@@ -176,4 +190,6 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/tokens/{token_id}", revoke_token),
     ("GET", "/audit", audit_events),
     ("GET", "/audit/verify", audit_verify),
+    ("GET", "/teams", list_teams),
+    ("POST", "/teams/reload", reload_teams),
 )

@@ -60,7 +60,9 @@ from broker.server.state import (
     ServerInfo,
     Spending,
 )
+from broker.server.teams import TEAMS, ServedTeams
 from broker.service.context import Context
+from broker.service.team import Teams
 from broker.store.metadata import Metadata
 
 log = structlog.get_logger("broker")
@@ -83,7 +85,10 @@ def create_app(service: Context, config: LiveConfig, audit: AuditRecorder,
     app[CONFIG] = config
     app[ACCESS] = access
     app[AUTH] = auth
-    app[SECRETS] = SecretsCache(service, access, auth)
+    teams = app[TEAMS] = ServedTeams(service.home, Teams(service), access.secret_changed,
+                                     audit.record)
+    teams.configure(config.config.teams)
+    app[SECRETS] = SecretsCache(service, access, auth, teams)
     app[SPENDING] = Spending(service.metadata)
     app[SERVER] = ServerInfo(listen)
 
@@ -260,6 +265,8 @@ def _reload(app: web.Application, why: str) -> None:
     """SIGHUP: the grants file and config.toml, each kept as it was if the new one fails."""
     app[ACCESS].reload(why)
     app[CONFIG].reload(why)
+    app[TEAMS].configure(app[CONFIG].config.teams)
+    app[TEAMS].refresh_soon()
 
 
 async def _main(app: web.Application, socks: list[socket.socket]) -> int:
@@ -267,6 +274,7 @@ async def _main(app: web.Application, socks: list[socket.socket]) -> int:
     stop = asyncio.Event()
     service, audit, cache = app[SERVICE], app[AUDIT], app[SECRETS]
     app[ACCESS].reload("startup")
+    await app[TEAMS].refresh(force=True)  # verified before the first request
     cache.refresh()
     # aiohttp's keep-alive timer runs from a connection's start (and from each response's
     # end) until a request's headers are complete: it is the header-read timeout too.
@@ -323,6 +331,7 @@ async def _flush_audit(service: Context) -> None:
 
 async def _housekeeping(app: web.Application) -> None:
     app[ACCESS].reload_if_changed()
+    await app[TEAMS].refresh()  # a stat of the git refs; a new commit is read and verified
     cache = app[SECRETS]
     cache.refresh()
     cache.end_leases_of_dead_tokens()  # tokens expire without any commit to notice

@@ -39,6 +39,7 @@ from broker.server.auth import (
     Principal,
     RefusalTally,
 )
+from broker.server.teams import ServedTeams
 from broker.service.context import Context
 from broker.service.secrets import Secrets
 from broker.store.metadata import Metadata
@@ -114,8 +115,10 @@ class SecretsCache:
     process committed a change; the values read so far (in memory only); and what was used
     since the last-used times were written."""
 
-    def __init__(self, service: Context, access: Access, auth: Authenticator) -> None:
+    def __init__(self, service: Context, access: Access, auth: Authenticator,
+                 teams: ServedTeams) -> None:
         self._service = service
+        self._teams = teams
         self._metadata = service.metadata  # asked on every request
         self._access = access
         self._auth = auth
@@ -164,12 +167,20 @@ class SecretsCache:
 
     def secret_version(self, ref: str) -> int:
         # No refresh here: the auth middleware refreshed at the start of this request.
+        if ref.startswith(self._teams.prefixes):
+            if ref in self._secrets:
+                raise SecretUnavailable(f"@{ref} is both a local secret and a team's: neither "
+                                        "is served under that name until the local one is "
+                                        "renamed")
+            return self._teams.version(ref)
         found = self._secrets.get(ref)
         if found is None:
             raise SecretNotFound(f"no secret @{ref}; add it with `secret-broker add @{ref}`")
         return found[0]
 
     def value(self, ref: str, version: int) -> str:
+        if ref.startswith(self._teams.prefixes):
+            return self._teams.value(ref, version)
         self._used.add(ref)  # last-used times are written in the background, once a second
         return self._value(ref, version)
 
@@ -179,6 +190,9 @@ class SecretsCache:
         for ref, (version, _provider) in list(self._secrets.items()):
             with contextlib.suppress(SecretUnavailable):  # unread, so never sent anywhere
                 values.append(self._value(ref, version))
+        for ref, (version, _provider) in self._teams.served().items():
+            with contextlib.suppress(SecretUnavailable):
+                values.append(self._teams.value(ref, version))
         return values
 
     def _value(self, ref: str, version: int) -> str:
@@ -197,6 +211,8 @@ class SecretsCache:
         if provider.secret_ref is not None:
             return provider.secret_ref
         refs = [r for r, (_v, p) in self._secrets.items() if p == provider.name]
+        if self._teams.prefixes:
+            refs += self._teams.refs_for(provider.name)
         if len(refs) == 1:
             return refs[0]
         if not refs:

@@ -27,6 +27,7 @@ from broker.server.state import (
     SERVICE,
     SPENDING,
 )
+from broker.server.teams import TEAMS
 from broker.service.queries import Queries
 from grants import DELIVERIES, AccessRequest, Lease
 from grants.render import explain_as_json, grants_as_rows
@@ -70,6 +71,7 @@ async def status(request: web.Request) -> web.Response:
                    "loaded_at": rfc3339(grants.loaded_at)},
         "leases": {"active": len(access.table)},
         "requests": dict(server.requests),
+        "teams": request.app[TEAMS].as_json(),
     })
 
 

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from broker.core.clock import rfc3339
-from broker.core.errors import BrokerError, SecretExists, UnlockFailed, UsageError
+from broker.core.errors import (
+    BrokerError,
+    ReadOnlyBackend,
+    SecretExists,
+    UnlockFailed,
+    UsageError,
+)
 from broker.core.refs import PROVIDER_RE, parse_ref
 from broker.service.context import Context
 from broker.store.backend import KINDS
@@ -43,8 +49,18 @@ class Secrets:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def add(self, ref: str, provider: str, kind: str, value: str) -> SecretMeta:
+    def _local(self, ref: str) -> str:
+        """The ref, unless a team serves it: those change only through `team set`."""
         ref = parse_ref(ref)
+        for team in self.ctx.session.config.teams.values():
+            if ref.startswith(team.ref_prefix):
+                raise ReadOnlyBackend(f"@{ref} belongs to team {team.name}, which is read-only "
+                                      f"here: change it with `secret-broker team set "
+                                      f"@{ref[len(team.ref_prefix):]} …` in its repository")
+        return ref
+
+    def add(self, ref: str, provider: str, kind: str, value: str) -> SecretMeta:
+        ref = self._local(ref)
         _check_secret(provider, kind, value)
         with self.ctx.writing():
             self.ctx.metadata.require_absent(ref)
@@ -59,7 +75,7 @@ class Secrets:
         return meta
 
     def rotate(self, ref: str, value: str) -> SecretMeta:
-        ref = parse_ref(ref)
+        ref = self._local(ref)
         _check_value(value)
         with self.ctx.writing():
             old = self._settle_rotate(self.ctx.metadata.get(ref))
@@ -102,7 +118,7 @@ class Secrets:
         return self.ctx.metadata.get(meta.ref)
 
     def remove(self, ref: str) -> SecretMeta:
-        ref = parse_ref(ref)
+        ref = self._local(ref)
         with self.ctx.writing():
             meta = self.ctx.metadata.get(ref)
             self.ctx.record("secret.removed", secret_ref=ref, version=meta.version)

@@ -22,6 +22,7 @@ import tomli_w
 from broker.config import TeamConfig
 from broker.core.clock import rfc3339
 from broker.core.errors import (
+    BrokerError,
     GitFailed,
     NotFound,
     SecretNotFound,
@@ -32,6 +33,7 @@ from broker.core.home import write_private
 from broker.core.refs import TEAM_NAME_RE
 from broker.service.context import Context
 from broker.service.team_guard import install as install_hook
+from broker.store.metadata import Metadata, SecretMeta
 from broker.team import edit
 from broker.team.format import DIR, ROLES, FormatError, Member, parse_card, roster_path, sha256
 from broker.team.gitrepo import GitError, Repo
@@ -167,31 +169,13 @@ class Teams:
 
         The commit must descend from the last one verified here, or from `since` (the base
         that `sync` rebases this member's own unpushed commits from)."""
-        repo = find_repo(Path(config.path))
-        trust = self.ctx.metadata.team_trust(config.name)
-        if trust is None:
-            raise NotFound(f"team {config.name} is configured but not pinned in this home: "
-                           f"run `secret-broker team join` in {config.path}")
-        commit = _commit(repo, ref or config.ref)
-        try:
-            files = repo.files(commit)
-            descends = trust.commit is None or _descends(repo, since or trust.commit, commit)
-        except GitError as exc:
-            raise GitFailed(f"team {config.name}: {exc}") from None
-        result = verify_team(trust.fingerprint, Marks(trust.generation, trust.seqs), files,
-                             descends=descends)
-        if isinstance(result, Verified) and result.team_id != trust.team_id:
-            result = Broken(roster_path(1), "fingerprint", "names another team id")
+        repo, commit, result = read_commit(self.ctx.metadata, config, ref=ref, since=since)
         if isinstance(result, Broken):
-            event = "team.rollback_refused" if result.rule in ("rollback", "vanished") \
-                else "team.invalid"
-            self.ctx.record(event, team=config.name, commit=commit, file=result.file,
-                            rule=result.rule)
+            self.ctx.record(failure_event(result), team=config.name, commit=commit,
+                            file=result.file, rule=result.rule)
             raise TeamInvalid(f"team {config.name} at commit {commit[:12]}: {result.message}")
         if remember:
-            marks = result.marks
-            self.ctx.metadata.remember_team(config.name, commit, marks.generation,
-                                            dict(marks.seqs))
+            remember_commit(self.ctx.metadata, config.name, commit, result)
         return Checkout(config, repo, commit, result, self._me(result.roster.members))
 
     def _me(self, members: Mapping[str, Member]) -> Member | None:
@@ -240,6 +224,40 @@ class Teams:
                                       f"a secret of team {name}; rename the local one")
                 out[config.ref_prefix + ref] = self.value(checkout, ref)
         return out
+
+    def metas(self) -> tuple[list[SecretMeta], list[str]]:
+        """Every configured team's secrets as `list` shows them (backend `team:NAME`), and a
+        sentence for each team that cannot be read now."""
+        metas, problems = [], []
+        for config in self.configured().values():
+            try:
+                checkout = self.load(config)
+            except BrokerError as exc:
+                problems.append(f"team {config.name}: {exc.message}")
+                continue
+            for ref, secret in sorted(checkout.team.secrets.items()):
+                env = secret.envelope
+                metas.append(SecretMeta(config.ref_prefix + ref, env.provider, env.kind,
+                                        f"team:{config.name}", f"commit {checkout.commit[:12]}",
+                                        env.version, env.written_at, None, None))
+        return metas, problems
+
+    def describe(self, served: str) -> dict[str, Any]:
+        """`inspect` of a served team ref: metadata only, never the value."""
+        _local, inside = self.split_refs([served])
+        if not inside:
+            raise SecretNotFound(f"no team serves @{served}")
+        name, refs = next(iter(inside.items()))
+        ref = refs[0]
+        checkout = self.load(self.configured()[name])
+        secret = checkout.team.secrets.get(ref)
+        if secret is None:
+            raise SecretNotFound(f"team {name} has no secret @{ref}")
+        env = secret.envelope
+        return {"ref": served, "backend": f"team:{name}", "group": env.group,
+                "provider": env.provider, "kind": env.kind, "version": env.version,
+                "seq": env.seq, "signer": env.signed_by, "written_at": env.written_at,
+                "commit": checkout.commit, "recipients": sorted(env.recipients)}
 
     # --- following the remote ---------------------------------------------------------
 
@@ -468,6 +486,38 @@ class Teams:
             raise NotFound(f"team {checkout.config.name} has no member {name!r}; members: "
                            f"{', '.join(sorted(checkout.team.roster.members))}")
         return member
+
+
+def read_commit(metadata: Metadata, config: TeamConfig, *, ref: str | None = None,
+                since: str | None = None) -> tuple[Repo, str, Verified | Broken]:
+    """A team's commit, read from git and verified against what this home pinned and
+    remembers. Writes nothing: the caller audits a failure and remembers a success (the
+    daemon does both from its own thread)."""
+    repo = find_repo(Path(config.path))
+    trust = metadata.team_trust(config.name)
+    if trust is None:
+        raise NotFound(f"team {config.name} is configured but not pinned in this home: "
+                       f"run `secret-broker team join` in {config.path}")
+    commit = _commit(repo, ref or config.ref)
+    try:
+        files = repo.files(commit)
+        descends = trust.commit is None or _descends(repo, since or trust.commit, commit)
+    except GitError as exc:
+        raise GitFailed(f"team {config.name}: {exc}", transient=exc.transient) from None
+    result = verify_team(trust.fingerprint, Marks(trust.generation, trust.seqs), files,
+                         descends=descends)
+    if isinstance(result, Verified) and result.team_id != trust.team_id:
+        result = Broken(roster_path(1), "fingerprint", "names another team id")
+    return repo, commit, result
+
+
+def remember_commit(metadata: Metadata, team: str, commit: str, result: Verified) -> None:
+    marks = result.marks
+    metadata.remember_team(team, commit, marks.generation, dict(marks.seqs))
+
+
+def failure_event(broken: Broken) -> str:
+    return "team.rollback_refused" if broken.rule in ("rollback", "vanished") else "team.invalid"
 
 
 def find_repo(where: Path) -> Repo:

@@ -28,6 +28,7 @@ from tests.support.team import (
     VALUE,
     VALUE_2,
     World,
+    add_local_clash,
     build_world,
     git,
     new_member,
@@ -355,7 +356,10 @@ def test_the_guard_goes_first_and_fails_closed(world: World) -> None:
 
 def test_team_refs_are_kept_apart_from_local_refs(world: World) -> None:
     ci = world["ci"]
-    ci.cli.add("@acme.openai_api_key", "sk-local-clash-0123456789")
+    refused = ci.cli("add", "@acme.openai_api_key", "--provider", "openai", "--kind",
+                     "api_key", "--stdin", input="sk-local-0123456789")
+    assert refused.returncode == 1 and "team set" in refused.stderr
+    add_local_clash(ci, "@acme.openai_api_key", "sk-local-clash-0123456789")
     proc = ci.cli("exec", "--env", "K=@acme.openai_api_key", "--", "true")
     assert proc.returncode == 5 and "both a local secret" in proc.stderr
     roster = parse_roster(roster_path(1), (ci.clone / roster_path(1)).read_bytes())

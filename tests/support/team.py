@@ -125,3 +125,15 @@ def build_world(root: Path) -> World:
     for m in world.members.values():
         m.ok("pull")
     return world
+
+
+def add_local_clash(member: Member, ref: str, value: str) -> None:
+    """A local secret under a name the team serves, as a home gets one when a team is
+    configured after it (`add` refuses such a name while the team is configured)."""
+    config = member.cli.home / "config.toml"
+    text = config.read_text()
+    config.write_text(text.replace('[teams.acme]\n', '[teams.acme]\nprefix = "not-yet."\n'))
+    try:
+        member.cli.add(ref, value)
+    finally:
+        config.write_text(text)

@@ -1,0 +1,197 @@
+"""The broker serves a team: a real daemon on the CI host's home and clone, a teammate
+rotating and pushing from another clone, the real OpenAI SDK through the gateway, and a
+local stand-in upstream that checks which key arrives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.core.errors import BrokerError
+from tests.conftest import CANARY, Daemon, grant, scan, start_daemon, wait_for, write_grants
+from tests.support.sdk_clients import openai_client
+from tests.support.standins import StandIn
+from tests.support.team import OPENAI, VALUE, World, add_local_clash, build_world, git
+
+ROTATED = "sk-rotated-team-canary-0123456789"
+TEAM_REF = "@acme.openai_api_key"
+
+
+@dataclass
+class Served:
+    world: World
+    daemon: Daemon
+    upstream: StandIn
+
+    def lease_status(self, ref: str) -> int | str:
+        """A lease's value, or the error's HTTP status."""
+        try:
+            return str(self.daemon.client().lease(ref, "llm.chat")["value"])
+        except BrokerError as exc:
+            return exc.status
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        lines = (self.world["ci"].cli.home / "audit.log").read_text().splitlines()
+        return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    root = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
+    world = build_world(root)
+    ci = world["ci"]
+    upstream = StandIn("openai", VALUE).start()
+    config = ci.cli.home / "config.toml"
+    config.write_text(config.read_text() + f'\n[providers.openai]\nbase_url = '
+                      f'"{upstream.base_url}"\nsecret_ref = "acme.openai_api_key"\n')
+    ci.cli.add("@local_key", CANARY)
+    hosts = f'"{upstream.host}"'
+    write_grants(ci.cli.home, grant("acme.openai_api_key", hosts=hosts)
+                 + grant("local_key", hosts=hosts) + grant("acme.db_password", hosts=hosts))
+    daemon = start_daemon(ci.cli.home, ci.cli.env)
+    yield Served(world, daemon, upstream)
+    if daemon.proc.poll() is None:
+        daemon.proc.kill()
+        daemon.proc.wait()
+    upstream.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def chat(s: Served) -> str:
+    client = openai_client(s.daemon.url + "/proxy/openai", s.daemon.token)
+    reply = client.chat.completions.create(model="gpt-4o-mini",  # type: ignore[union-attr]
+                                           messages=[{"role": "user", "content": "hi"}])
+    return str(reply.choices[0].message.content)
+
+
+def test_a_pushed_rotation_reaches_the_gateway_after_team_pull(served: Served) -> None:
+    s, bob, ci = served, served.world["bob"], served.world["ci"]
+    assert chat(s)  # the stand-in answered only because the team's key arrived
+    lease = s.daemon.client().lease(TEAM_REF, "llm.chat")
+    assert lease["value"] == VALUE
+    bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+           input=ROTATED)
+    bob.ok("sync")
+    s.upstream.expected_key = ROTATED
+    out = ci.ok("pull")
+    assert "serves it now" in out
+    assert chat(s)  # the new key, through the real SDK
+    assert lease["lease_id"] not in {x["lease_id"] for x in s.daemon.client().leases()}
+    rotated = s.events("secret.rotated")
+    assert rotated and rotated[-1]["secret_ref"] == "acme.openai_api_key"
+    head = git(ci.clone, "rev-parse", "HEAD").strip()
+    assert (rotated[-1]["team"], rotated[-1]["signer"], rotated[-1]["commit"]) == \
+        ("acme", "bob", head)
+    assert any(e["reason"] == "secret rotated" for e in s.events("lease.revoked"))
+    status = s.daemon.client().status()
+    assert status["teams"][0]["commit"] == head and status["teams"][0]["serving"]
+    ci.cli.ok("audit", "verify")
+    assert scan([s.daemon.log(), *ci.cli.outputs], VALUE, ROTATED, CANARY) == []
+
+
+def test_a_new_commit_is_noticed_without_being_told(served: Served) -> None:
+    s, bob, ci = served, served.world["bob"], served.world["ci"]
+    bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+           input=ROTATED)
+    bob.ok("sync")
+    git(ci.clone, "pull", "-q", "--ff-only")  # plain git, no broker involved
+    wait_for(lambda: s.lease_status(TEAM_REF) == ROTATED, timeout=10,
+             what="the daemon to serve the pulled commit")
+
+
+def _tamper_envelope(clone: Path) -> None:
+    path = clone / (OPENAI + ".json")
+    doc = json.loads(path.read_text())
+    doc["provider"] = "evil"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _swap_age(clone: Path) -> None:
+    shutil.copy(clone / ".sbteam/secrets/prod/db_password.age", clone / (OPENAI + ".age"))
+
+
+@pytest.mark.parametrize(("rule", "tamper"), [("envelope-signature", _tamper_envelope),
+                                              ("age-digest", _swap_age)])
+def test_a_tampered_commit_fails_closed_for_the_team_only(served: Served, rule: str,
+                                                          tamper: object) -> None:
+    s, ci = served, served.world["ci"]
+    good = git(ci.clone, "rev-parse", "HEAD").strip()
+    assert s.lease_status(TEAM_REF) == VALUE
+    assert callable(tamper)
+    tamper(ci.clone)
+    git(ci.clone, "commit", "-q", "--no-verify", "-am", f"tamper {rule}")
+    s.daemon.client().request("POST", "/v1/admin/teams/reload")
+    assert s.lease_status(TEAM_REF) == 503
+    with pytest.raises(BrokerError, match=rule):
+        s.daemon.client().lease(TEAM_REF, "llm.chat")
+    assert s.lease_status("@local_key") == CANARY  # the home's own store keeps working
+    assert len([e for e in s.events("team.invalid") if e["rule"] == rule]) == 1
+    git(ci.clone, "reset", "-q", "--hard", good)
+    wait_for(lambda: s.lease_status(TEAM_REF) == VALUE, timeout=10,
+             what="the daemon to come back on the valid commit")
+
+
+def test_a_rollback_is_refused_by_the_daemon(served: Served) -> None:
+    s, bob, ci = served, served.world["bob"], served.world["ci"]
+    bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
+           input=ROTATED)
+    bob.ok("sync")
+    ci.ok("pull")
+    assert s.lease_status(TEAM_REF) == ROTATED
+    git(ci.clone, "revert", "--no-edit", "HEAD")
+    s.daemon.client().request("POST", "/v1/admin/teams/reload")
+    assert s.lease_status(TEAM_REF) == 503  # never the older value
+    assert s.events("team.rollback_refused")
+
+
+def test_uncommitted_edits_and_locks_never_reach_a_request(served: Served) -> None:
+    s, ci = served, served.world["ci"]
+    (ci.clone / (OPENAI + ".age")).write_bytes(b"garbage")  # an edit, not committed
+    (ci.clone / ".git" / "index.lock").write_text("")  # a pull or commit under way
+    s.daemon.client().request("POST", "/v1/admin/teams/reload")
+    assert s.lease_status(TEAM_REF) == VALUE
+
+
+def test_team_refs_are_listed_read_only_and_may_not_clash(served: Served) -> None:
+    s, ci = served, served.world["ci"]
+    listed = {m["ref"]: m for m in json.loads(ci.cli.ok("list", "--json"))["secrets"]}
+    assert listed["acme.openai_api_key"]["backend"] == "team:acme"
+    assert listed["local_key"]["backend"] == "file-vault"
+    inspected = json.loads(ci.cli.ok("inspect", TEAM_REF, "--json"))
+    assert (inspected["signer"], inspected["group"]) == ("alice", "llm")
+    proc = ci.cli("add", TEAM_REF, "--provider", "openai", "--kind", "api_key", "--stdin",
+                  input="x-0123456789")
+    assert proc.returncode == 1 and "team set" in proc.stderr
+    with pytest.raises(BrokerError) as raised:
+        s.daemon.client().request("PUT", "/v1/admin/secrets/acme.openai_api_key",
+                                  {"value": "x-0123456789"})
+    assert raised.value.status == 409 and raised.value.code == "read_only_backend"
+    # A local secret under a served name: both are unavailable, and `check` says why.
+    add_local_clash(ci, "@acme.jina_api_key", "local-clash-0123456789")
+    write_grants(ci.cli.home, grant("acme.jina_api_key", hosts=f'"{s.upstream.host}"'))
+    assert s.lease_status("@acme.jina_api_key") == 503
+    report = json.loads(ci.cli("check", "--json").stdout)
+    assert any("acme.jina_api_key" in e["message"] for e in report["errors"])
+
+
+def test_a_checkout_it_cannot_trust_is_refused(served: Served) -> None:
+    s, ci = served, served.world["ci"]
+    os.chown(ci.clone, 65534, 65534)  # as another user's checkout would be
+    try:
+        s.daemon.client().request("POST", "/v1/admin/teams/reload")
+        with pytest.raises(BrokerError, match="owned by another user"):
+            s.daemon.client().lease(TEAM_REF, "llm.chat")
+    finally:
+        os.chown(ci.clone, os.getuid(), os.getgid())
+    (ci.clone / ".git").rename(ci.clone / "git-moved")
+    s.daemon.client().request("POST", "/v1/admin/teams/reload")
+    with pytest.raises(BrokerError, match="not a git work tree"):
+        s.daemon.client().lease(TEAM_REF, "llm.chat")
+    assert s.lease_status("@local_key") == CANARY

@@ -55,7 +55,8 @@ def _str(value: str | None) -> str:
 
 async def list_secrets(request: web.Request) -> web.Response:
     admin = request.app[ADMIN]
-    return web.json_response({"secrets": [m.as_json() for m in Secrets(admin).all()]})
+    local = [m.as_json() for m in Secrets(admin).all()]
+    return web.json_response({"secrets": local + request.app[TEAMS].secrets_json()})
 
 
 async def add_secret(request: web.Request) -> web.Response:

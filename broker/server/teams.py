@@ -133,6 +133,21 @@ class ServedTeams:
                 for s in self._snapshots.values() if s.team
                 for ref, secret in s.team.secrets.items()}
 
+    def secrets_json(self) -> list[dict[str, Any]]:
+        """Served secrets in the admin API's secret shape, marked read-only."""
+        out = []
+        for snapshot in self._snapshots.values():
+            if snapshot.team is None or snapshot.commit is None:
+                continue
+            for ref, secret in sorted(snapshot.team.secrets.items()):
+                env = secret.envelope
+                out.append({"ref": snapshot.config.ref_prefix + ref, "provider": env.provider,
+                            "kind": env.kind, "backend": f"team:{snapshot.config.name}",
+                            "fingerprint": f"commit {snapshot.commit[:12]}",
+                            "version": env.version, "created_at": env.written_at,
+                            "rotated_at": None, "last_used_at": None, "read_only": True})
+        return out
+
     def as_json(self) -> list[dict[str, Any]]:
         return [self._snapshots.get(n, Snapshot(c, failure="not loaded yet")).as_json()
                 for n, c in sorted(self._configs.items())]

@@ -30,16 +30,25 @@ from tests.support.team import (
     World,
     add_local_clash,
     build_world,
+    copy_world,
     git,
     new_member,
     sha,
 )
 
 
-@pytest.fixture
-def world() -> Iterator[World]:
+@pytest.fixture(scope="module")
+def template() -> Iterator[World]:
+    """Built once per module (about 40 CLI calls); each test gets its own copy."""
     root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
     yield build_world(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def world(template: World) -> Iterator[World]:
+    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
+    yield copy_world(template, root)
     shutil.rmtree(root, ignore_errors=True)
 
 

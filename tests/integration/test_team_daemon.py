@@ -18,7 +18,15 @@ from broker.core.errors import BrokerError
 from tests.conftest import CANARY, Daemon, grant, scan, start_daemon, wait_for, write_grants
 from tests.support.sdk_clients import openai_client
 from tests.support.standins import StandIn
-from tests.support.team import OPENAI, VALUE, World, add_local_clash, build_world, git
+from tests.support.team import (
+    OPENAI,
+    VALUE,
+    World,
+    add_local_clash,
+    build_world,
+    copy_world,
+    git,
+)
 
 ROTATED = "sk-rotated-team-canary-0123456789"
 TEAM_REF = "@acme.openai_api_key"
@@ -42,10 +50,18 @@ class Served:
         return [e for e in map(json.loads, lines) if e["event"] == name]
 
 
-@pytest.fixture
-def served() -> Iterator[Served]:
+@pytest.fixture(scope="module")
+def template() -> Iterator[World]:
+    """Built once per module; each test serves its own copy."""
     root = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
-    world = build_world(root)
+    yield build_world(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def served(template: World) -> Iterator[Served]:
+    root = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
+    world = copy_world(template, root)
     ci = world["ci"]
     upstream = StandIn("openai", VALUE).start()
     config = ci.cli.home / "config.toml"
@@ -164,6 +180,9 @@ def test_team_refs_are_listed_read_only_and_may_not_clash(served: Served) -> Non
     listed = {m["ref"]: m for m in json.loads(ci.cli.ok("list", "--json"))["secrets"]}
     assert listed["acme.openai_api_key"]["backend"] == "team:acme"
     assert listed["local_key"]["backend"] == "file-vault"
+    admin = s.daemon.client().request("GET", "/v1/admin/secrets")["secrets"]
+    team_row = next(m for m in admin if m["ref"] == "acme.openai_api_key")
+    assert (team_row["backend"], team_row["read_only"]) == ("team:acme", True)
     inspected = json.loads(ci.cli.ok("inspect", TEAM_REF, "--json"))
     assert (inspected["signer"], inspected["group"]) == ("alice", "llm")
     proc = ci.cli("add", TEAM_REF, "--provider", "openai", "--kind", "api_key", "--stdin",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -137,3 +138,20 @@ def add_local_clash(member: Member, ref: str, value: str) -> None:
         member.cli.add(ref, value)
     finally:
         config.write_text(text)
+
+
+def copy_world(template: World, root: Path) -> World:
+    """A fresh world, copied from a built one: homes, clones and remote as files, with the
+    paths that name them (config.toml's team path, each clone's origin) moved along."""
+    shutil.copytree(template.root, root, symlinks=True, dirs_exist_ok=True)
+    old, new = str(template.root), str(root)
+    world = World(root, root / template.remote.name, fingerprint=template.fingerprint)
+    for name, member in template.members.items():
+        home = root / member.cli.home.name
+        config = home / "config.toml"
+        config.write_text(config.read_text().replace(old, new))
+        clone = root / member.clone.name
+        git(clone, "remote", "set-url", "origin", str(world.remote))
+        cli = Cli(home, base_env(home, **GIT_ENV), outputs=list(member.cli.outputs))
+        world.members[name] = Member(name, cli, clone)
+    return world

@@ -159,11 +159,12 @@ const loaders = {
     fill("secrets-table", secrets,
       (s) => [ref(s.ref), s.provider, s.kind, s.backend, s.fingerprint, s.version,
         when(s.created_at), when(s.rotated_at), when(s.last_used_at)],
-      (s) => [button("Rotate…", () => pickForRotation(s.ref), "", `Rotate @${s.ref}`),
-        button("Remove", () => removeSecret(s.ref), "danger", `Remove @${s.ref}`)]);
+      (s) => (s.read_only ? [el("span", "read-only: `team set` in its repository")] : [
+        button("Rotate…", () => pickForRotation(s.ref), "", `Rotate @${s.ref}`),
+        button("Remove", () => removeSecret(s.ref), "danger", `Remove @${s.ref}`)]));
     const select = field($("#rotate-form"), "ref");
     const chosen = select.value;
-    select.replaceChildren(...secrets.map((s) => {
+    select.replaceChildren(...secrets.filter((s) => !s.read_only).map((s) => {
       const option = el("option", ref(s.ref));
       option.value = s.ref;
       return option;

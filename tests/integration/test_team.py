@@ -21,19 +21,22 @@ from broker.team import edit
 from broker.team.format import parse_roster, roster_path
 from broker.team.keys import Identity
 from broker.team.verify import Marks, Verified, verify_team
-from tests.conftest import Cli, base_env, scan
+from tests.conftest import scan
 from tests.support.team import (
     GIT_ENV,
     OPENAI,
+    TAMPER,
     VALUE,
     VALUE_2,
     World,
     add_local_clash,
+    blob,
     build_world,
     copy_world,
     git,
     new_member,
     sha,
+    write_file,
 )
 
 
@@ -163,43 +166,6 @@ def _commit_files(repo: Path, files: dict[str, bytes | None], message: str) -> N
     git(repo, "commit", "-q", "--no-verify", "-m", message)
 
 
-def _write(repo: Path, path: str, data: bytes) -> None:
-    (repo / path).parent.mkdir(parents=True, exist_ok=True)
-    (repo / path).write_bytes(data)
-
-
-def _edit_json(repo: Path, path: str, **changes: object) -> None:
-    doc = json.loads((repo / path).read_text())
-    doc.update(changes)
-    (repo / path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def _other_genesis(world: World) -> bytes:
-    other = world.root / "other"
-    git(world.root, "init", "-q", str(other))
-    eve = Cli(world.root / "home-eve", base_env(world.root / "home-eve", **GIT_ENV))
-    eve.ok("init", "--backend", "file-vault")
-    eve.ok("team", "init", "--name", "acme", "--as", "alice", "--dir", str(other))
-    return (other / roster_path(1)).read_bytes()
-
-
-TAMPER = {
-    "format": lambda w, c: _write(c, ".sbteam/FORMAT", b"sb-team/2\n"),
-    "parse": lambda w, c: _edit_json(c, OPENAI + ".json", extra="x"),
-    "unknown-file": lambda w, c: _write(c, ".sbteam/notes.txt", b"hello"),
-    "fingerprint": lambda w, c: _write(c, roster_path(1), _other_genesis(w)),
-    "roster-chain": lambda w, c: (c / roster_path(2)).unlink(),
-    "roster-signature": lambda w, c: _edit_json(c, roster_path(2), created_at="2020-01-01"),
-    "envelope-signature": lambda w, c: _edit_json(c, OPENAI + ".json", provider="evil"),
-    "binding": lambda w, c: [shutil.copy(c / (OPENAI + s), c / f".sbteam/secrets/llm/x{s}")
-                             for s in (".age", ".json")],
-    "age-digest": lambda w, c: shutil.copy(c / ".sbteam/secrets/prod/db_password.age",
-                                           c / (OPENAI + ".age")),
-    "pairing": lambda w, c: (c / (OPENAI + ".age")).unlink(),
-    "vanished": lambda w, c: [(c / (OPENAI + s)).unlink() for s in (".age", ".json")],
-}
-
-
 @pytest.mark.parametrize("rule", sorted(TAMPER))
 def test_each_rule_broken_in_git_is_named_and_refused(world: World, rule: str) -> None:
     ci = world["ci"]
@@ -232,7 +198,7 @@ def test_rollbacks_are_refused_until_a_trust_reset(world: World) -> None:
     git(ci.clone, "reset", "-q", "--hard", new)
     # 2. An old file copied back into a new commit.
     for suffix in (".age", ".json"):
-        _write(ci.clone, OPENAI + suffix, _blob(ci.clone, f"{new}~1:{OPENAI}{suffix}"))
+        write_file(ci.clone, OPENAI + suffix, blob(ci.clone, f"{new}~1:{OPENAI}{suffix}"))
     git(ci.clone, "commit", "-q", "--no-verify", "-am", "old file")
     assert ci.exec_code() == 5
     # 3. A force-pushed remote: the old history comes back as the branch.
@@ -245,11 +211,6 @@ def test_rollbacks_are_refused_until_a_trust_reset(world: World) -> None:
     ci.ok("trust-reset", "--to", "HEAD")
     assert ci.digest() == sha(VALUE)
     assert '"event":"team.trust_reset"' in (ci.cli.home / "audit.log").read_text()
-
-
-def _blob(repo: Path, spec: str) -> bytes:
-    return subprocess.run(["git", "show", spec], cwd=repo, capture_output=True, check=True,
-                          env={**os.environ, **GIT_ENV}).stdout
 
 
 def test_bad_input_is_refused_and_changes_nothing(world: World) -> None:

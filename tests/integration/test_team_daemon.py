@@ -20,12 +20,15 @@ from tests.support.sdk_clients import openai_client
 from tests.support.standins import StandIn
 from tests.support.team import (
     OPENAI,
+    TAMPER,
     VALUE,
     World,
     add_local_clash,
+    blob,
     build_world,
     copy_world,
     git,
+    write_file,
 )
 
 ROTATED = "sk-rotated-team-canary-0123456789"
@@ -122,49 +125,74 @@ def test_a_new_commit_is_noticed_without_being_told(served: Served) -> None:
              what="the daemon to serve the pulled commit")
 
 
-def _tamper_envelope(clone: Path) -> None:
-    path = clone / (OPENAI + ".json")
-    doc = json.loads(path.read_text())
-    doc["provider"] = "evil"
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def _swap_age(clone: Path) -> None:
-    shutil.copy(clone / ".sbteam/secrets/prod/db_password.age", clone / (OPENAI + ".age"))
-
-
-@pytest.mark.parametrize(("rule", "tamper"), [("envelope-signature", _tamper_envelope),
-                                              ("age-digest", _swap_age)])
-def test_a_tampered_commit_fails_closed_for_the_team_only(served: Served, rule: str,
-                                                          tamper: object) -> None:
+@pytest.mark.parametrize("rule", sorted(TAMPER))
+def test_a_tampered_commit_fails_closed_for_the_team_only(served: Served, rule: str) -> None:
     s, ci = served, served.world["ci"]
     good = git(ci.clone, "rev-parse", "HEAD").strip()
     assert s.lease_status(TEAM_REF) == VALUE
-    assert callable(tamper)
-    tamper(ci.clone)
-    git(ci.clone, "commit", "-q", "--no-verify", "-am", f"tamper {rule}")
+    TAMPER[rule](s.world, ci.clone)
+    git(ci.clone, "add", "-A", ".sbteam")
+    git(ci.clone, "commit", "-q", "--no-verify", "-m", f"tamper {rule}")
     s.daemon.client().request("POST", "/v1/admin/teams/reload")
     assert s.lease_status(TEAM_REF) == 503
-    with pytest.raises(BrokerError, match=rule):
+    with pytest.raises(BrokerError, match=f"rule {rule}"):
         s.daemon.client().lease(TEAM_REF, "llm.chat")
     assert s.lease_status("@local_key") == CANARY  # the home's own store keeps working
-    assert len([e for e in s.events("team.invalid") if e["rule"] == rule]) == 1
+    s.daemon.client().request("POST", "/v1/admin/teams/reload")  # the same failure again
+    failures = s.events("team.invalid") + s.events("team.rollback_refused")
+    assert [e["rule"] for e in failures] == [rule]  # audited once
     git(ci.clone, "reset", "-q", "--hard", good)
     wait_for(lambda: s.lease_status(TEAM_REF) == VALUE, timeout=10,
              what="the daemon to come back on the valid commit")
 
 
-def test_a_rollback_is_refused_by_the_daemon(served: Served) -> None:
-    s, bob, ci = served, served.world["bob"], served.world["ci"]
+def test_every_kind_of_rollback_is_refused_by_the_daemon(served: Served) -> None:
+    s, alice, bob, ci = served, *(served.world[n] for n in ("alice", "bob", "ci"))
     bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
            input=ROTATED)
     bob.ok("sync")
     ci.ok("pull")
     assert s.lease_status(TEAM_REF) == ROTATED
-    git(ci.clone, "revert", "--no-edit", "HEAD")
-    s.daemon.client().request("POST", "/v1/admin/teams/reload")
-    assert s.lease_status(TEAM_REF) == 503  # never the older value
+    new = git(ci.clone, "rev-parse", "HEAD").strip()
+
+    def revert() -> None:
+        git(ci.clone, "revert", "--no-edit", "HEAD")
+
+    def old_file() -> None:
+        for suffix in (".age", ".json"):
+            write_file(ci.clone, OPENAI + suffix, blob(ci.clone, f"{new}~1:{OPENAI}{suffix}"))
+        git(ci.clone, "commit", "-q", "--no-verify", "-am", "old file")
+
+    def force_push() -> None:
+        git(alice.clone, "fetch", "-q", "origin")
+        git(alice.clone, "push", "-q", "--force", "origin", f"{new}~1:main")
+        git(ci.clone, "fetch", "-q", "origin")
+        git(ci.clone, "reset", "-q", "--hard", "origin/main")
+
+    for undo in (revert, old_file, force_push):
+        undo()
+        s.daemon.client().request("POST", "/v1/admin/teams/reload")
+        assert s.lease_status(TEAM_REF) == 503, undo.__name__  # never the older value
+        git(ci.clone, "reset", "-q", "--hard", new)
+        s.daemon.client().request("POST", "/v1/admin/teams/reload")
+        assert s.lease_status(TEAM_REF) == ROTATED
     assert s.events("team.rollback_refused")
+
+
+def test_a_merge_conflict_never_reaches_a_request(served: Served) -> None:
+    s, alice, ci = served, served.world["alice"], served.world["ci"]
+    ignore = ".sbteam/.gitignore"
+    for member, line in ((alice, "alice.tmp"), (ci, "ci.tmp")):
+        path = member.clone / ignore
+        path.write_text(path.read_text() + line + "\n")
+        git(member.clone, "commit", "-q", "--no-verify", "-am", f"ignore {line}")
+    git(alice.clone, "push", "-q", "origin", "HEAD:main")
+    head = git(ci.clone, "rev-parse", "HEAD").strip()
+    conflicted = git(ci.clone, "pull", "--no-rebase", "-q", "origin", "main", check=False)
+    assert (ci.clone / ".git" / "MERGE_HEAD").exists(), conflicted
+    s.daemon.client().request("POST", "/v1/admin/teams/reload")
+    assert s.lease_status(TEAM_REF) == VALUE
+    assert s.daemon.client().status()["teams"][0]["commit"] == head
 
 
 def test_uncommitted_edits_and_locks_never_reach_a_request(served: Served) -> None:

@@ -7,6 +7,7 @@ alice is the admin, bob a writer of `llm`, ci a reader host of `llm`; `llm` hold
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from broker.core.home import Home
 from broker.service.context import Context
 from broker.service.team import Teams
+from broker.team.format import roster_path
 from tests.conftest import Cli, base_env
 
 VALUE = "sk-team-canary-" + uuid.uuid4().hex
@@ -155,3 +157,48 @@ def copy_world(template: World, root: Path) -> World:
         cli = Cli(home, base_env(home, **GIT_ENV), outputs=list(member.cli.outputs))
         world.members[name] = Member(name, cli, clone)
     return world
+
+
+# --- tampering as an attacker with push access would: plain git and file edits ------------
+
+
+def write_file(repo: Path, path: str, data: bytes) -> None:
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_bytes(data)
+
+
+def _edit_json(repo: Path, path: str, **changes: object) -> None:
+    doc = json.loads((repo / path).read_text())
+    doc.update(changes)
+    (repo / path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _other_genesis(world: World) -> bytes:
+    other = world.root / "other"
+    git(world.root, "init", "-q", str(other))
+    eve = Cli(world.root / "home-eve", base_env(world.root / "home-eve", **GIT_ENV))
+    eve.ok("init", "--backend", "file-vault")
+    eve.ok("team", "init", "--name", "acme", "--as", "alice", "--dir", str(other))
+    return (other / roster_path(1)).read_bytes()
+
+
+TAMPER = {
+    "format": lambda w, c: write_file(c, ".sbteam/FORMAT", b"sb-team/2\n"),
+    "parse": lambda w, c: _edit_json(c, OPENAI + ".json", extra="x"),
+    "unknown-file": lambda w, c: write_file(c, ".sbteam/notes.txt", b"hello"),
+    "fingerprint": lambda w, c: write_file(c, roster_path(1), _other_genesis(w)),
+    "roster-chain": lambda w, c: (c / roster_path(2)).unlink(),
+    "roster-signature": lambda w, c: _edit_json(c, roster_path(2), created_at="2020-01-01"),
+    "envelope-signature": lambda w, c: _edit_json(c, OPENAI + ".json", provider="evil"),
+    "binding": lambda w, c: [shutil.copy(c / (OPENAI + s), c / f".sbteam/secrets/llm/x{s}")
+                             for s in (".age", ".json")],
+    "age-digest": lambda w, c: shutil.copy(c / ".sbteam/secrets/prod/db_password.age",
+                                           c / (OPENAI + ".age")),
+    "pairing": lambda w, c: (c / (OPENAI + ".age")).unlink(),
+    "vanished": lambda w, c: [(c / (OPENAI + s)).unlink() for s in (".age", ".json")],
+}
+
+
+def blob(repo: Path, spec: str) -> bytes:
+    return subprocess.run(["git", "show", spec], cwd=repo, capture_output=True, check=True,
+                          env={**os.environ, **GIT_ENV}).stdout

@@ -15,7 +15,8 @@ from broker.core.errors import UsageError
 from broker.core.refs import parse_ref
 
 if TYPE_CHECKING:
-    from broker.service.team import Checkout, TeamChanges, Teams
+    from broker.service.team import Checkout, Teams
+    from broker.service.team_changes import TeamChanges
 
 Command = Callable[..., argparse.ArgumentParser]
 
@@ -36,7 +37,7 @@ def _checkout(args: argparse.Namespace) -> tuple[Teams, Checkout]:
 
 
 def _changes(args: argparse.Namespace) -> TeamChanges:
-    from broker.service.team import TeamChanges
+    from broker.service.team_changes import TeamChanges
 
     return TeamChanges(*_checkout(args))
 
@@ -117,8 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_member_add(args: argparse.Namespace) -> int:
-    teams, checkout = _checkout(args)
-    commit = teams.add_member(checkout, args.name, args.card, args.role, args.group)
+    commit = _changes(args).add_member(args.name, args.card, args.role, args.group)
     print(f"added {args.name} as {args.role} (commit "
           f"{commit[:12]}); push it with `secret-broker team sync`")
     return 0
@@ -224,8 +224,10 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from broker.service.team_sync import TeamSync
+
     teams = _teams(args)
-    old, new = teams.pull(teams.pick(args.team, _where(args)))
+    old, new = TeamSync(teams).pull(teams.pick(args.team, _where(args)))
     print("already up to date" if old == new else f"verified and fast-forwarded to {new[:12]}"
           + _tell_broker(teams))
     return 0
@@ -244,15 +246,19 @@ def _tell_broker(teams: Teams) -> str:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from broker.service.team_sync import TeamSync
+
     teams = _teams(args)
-    head = teams.sync(teams.pick(args.team, _where(args)))
+    head = TeamSync(teams).sync(teams.pick(args.team, _where(args)))
     print(f"in sync with the remote at {head[:12]}")
     return 0
 
 
 def cmd_trust_reset(args: argparse.Namespace) -> int:
+    from broker.service.team_sync import TeamSync
+
     teams = _teams(args)
-    team = teams.trust_reset(teams.pick(args.team, _where(args)), args.to)
+    team = TeamSync(teams).trust_reset(teams.pick(args.team, _where(args)), args.to)
     print(f"this home now trusts team {team.roster.team_name} as of {args.to} (roster "
           f"generation {team.roster.generation}); the reset is audited")
     return 0

@@ -35,9 +35,9 @@ from broker.service.context import Context
 from broker.service.team_guard import install as install_hook
 from broker.store.metadata import Metadata, SecretMeta
 from broker.team import edit
-from broker.team.format import DIR, ROLES, FormatError, Member, parse_card, roster_path, sha256
+from broker.team.format import DIR, FormatError, Member, roster_path, sha256
 from broker.team.gitrepo import GitError, Repo
-from broker.team.keys import BadKey, Identity, card_is_genuine
+from broker.team.keys import BadKey, Identity
 from broker.team.verify import Broken, Marks, Verified, verify_team
 
 IDENTITY = "!team-identity"  # the store's internal entry holding this home's private keys
@@ -259,101 +259,6 @@ class Teams:
                 "seq": env.seq, "signer": env.signed_by, "written_at": env.written_at,
                 "commit": checkout.commit, "recipients": sorted(env.recipients)}
 
-    # --- following the remote ---------------------------------------------------------
-
-    def pull(self, config: TeamConfig) -> tuple[str, str]:
-        """Fetch, verify what came in, fast-forward; (old, new) commit. A non-fast-forward
-        (GitFailed, exit 1) or an invalid commit (TeamInvalid, exit 5) changes nothing."""
-        checkout = self.load(config, ref="HEAD")
-        repo = checkout.repo
-        if repo.busy():
-            raise GitFailed(f"{repo.root} is in the middle of {repo.busy()}: finish it first")
-        try:
-            upstream = repo.upstream()
-            repo.git("fetch", "--quiet", upstream.split("/", 1)[0])
-        except GitError as exc:
-            raise GitFailed(f"cannot fetch team {config.name}: {exc}") from None
-        new = _commit(repo, upstream)
-        if not repo.is_ancestor(checkout.commit, new):
-            if repo.is_ancestor(new, checkout.commit):
-                return checkout.commit, checkout.commit  # nothing new; ours is ahead
-            raise GitFailed(f"{upstream} is not a fast-forward of this checkout (both have "
-                            "new commits): run `secret-broker team sync` to rebase yours")
-        self.load(config, ref=new)  # verifies (and remembers) before the checkout moves
-        try:
-            repo.git("merge", "--quiet", "--ff-only", new)
-        except GitError as exc:
-            raise GitFailed(f"cannot fast-forward {repo.root}: {exc}") from None
-        if new != checkout.commit:
-            self.ctx.record("team.pulled", team=config.name, commit=new)
-        return checkout.commit, new
-
-    def sync(self, config: TeamConfig) -> str:
-        """Pull (rebasing this member's unpushed team commits), verify, push."""
-        checkout = self.load(config, ref="HEAD")
-        repo, old = checkout.repo, checkout.commit
-        try:
-            upstream = repo.upstream()
-            remote, _, branch = upstream.partition("/")
-            fetched_before = repo.commit_of(upstream)
-            repo.git("fetch", "--quiet", remote)
-            new = _commit(repo, upstream)
-            if fetched_before is not None and not _descends(repo, fetched_before, new):
-                raise TeamInvalid(f"{upstream} was rewritten (it no longer holds commit "
-                                  f"{fetched_before[:12]}); if that was deliberate, run "
-                                  "`secret-broker team trust-reset --to COMMIT`")
-            if repo.is_ancestor(old, new):  # nothing of ours to rebase
-                self.load(config, ref=new)
-                repo.git("merge", "--quiet", "--ff-only", new)
-            elif not repo.is_ancestor(new, old):
-                self._rebase(repo, new)
-                try:  # theirs and ours together, as the next reader will verify them
-                    self.load(config, ref="HEAD", since=new)
-                except TeamInvalid:
-                    repo.git("reset", "--quiet", "--hard", old)
-                    raise
-            head = _commit(repo, "HEAD")
-        except GitError as exc:
-            raise GitFailed(f"cannot sync team {config.name}: {exc}") from None
-        try:
-            repo.git("push", "--quiet", remote, f"HEAD:{branch}")
-        except GitError as exc:
-            raise GitFailed(f"the remote refused the push ({exc}); your team commits are "
-                            "still here, verified: fix what it says and run `secret-broker "
-                            "team sync` again") from None
-        self.ctx.record("team.synced", team=config.name, commit=head)
-        return head
-
-    def _rebase(self, repo: Repo, onto: str) -> None:
-        proc = repo.git("rebase", "--quiet", onto, check=False)
-        if repo.busy() == "a rebase":
-            conflicted = repo.git("diff", "--name-only", "--diff-filter=U").split()
-            repo.git("rebase", "--abort", check=False)
-            raise GitFailed(f"your team commits conflict with the remote's on "
-                            f"{', '.join(conflicted) or 'the same files'}: the same ref or "
-                            "roster generation was changed on both sides; nothing was changed "
-                            "here (redo your change after `team pull`)")
-        if repo.commit_of("HEAD") is None:
-            raise GitFailed(f"rebase failed: {proc.strip()[-200:]}")
-
-    def trust_reset(self, config: TeamConfig, commit: str) -> Verified:
-        """Accept `commit` after a deliberate history rewrite: this home's rollback memory
-        becomes what that commit holds."""
-        repo = find_repo(Path(config.path))
-        target = _commit(repo, commit)
-        trust = self.ctx.metadata.team_trust(config.name)
-        if trust is None:
-            raise NotFound(f"team {config.name} is not pinned in this home")
-        result = verify_team(trust.fingerprint, Marks(), repo.files(target))
-        if isinstance(result, Broken):
-            raise TeamInvalid(f"commit {target[:12]} does not verify: {result.message}")
-        marks = result.marks
-        self.ctx.metadata.remember_team(config.name, target, marks.generation, dict(marks.seqs),
-                                        reset=True)
-        self.ctx.record("team.trust_reset", team=config.name, commit=target,
-                        previous=trust.commit)
-        return result
-
     # --- changing -------------------------------------------------------------------------
 
     def actor(self, checkout: Checkout) -> edit.Actor:
@@ -370,7 +275,7 @@ class Teams:
         if dirty:
             raise GitFailed(f"{DIR}/ has uncommitted changes ({', '.join(dirty[:3])}): commit "
                             "or discard them first (`git status`)")
-        head = _commit(repo, "HEAD")
+        head = commit_of(repo, "HEAD")
         if head != checkout.commit:
             raise GitFailed(f"HEAD ({head[:12]}) is not the commit verified for this change "
                             f"({checkout.commit[:12]}); check out the team's branch")
@@ -432,7 +337,7 @@ class Teams:
         """Pin a team whose first roster has this fingerprint; make this home's identity."""
         fp = parse_fingerprint(fingerprint)
         repo = find_repo(where)
-        commit = _commit(repo, "HEAD")
+        commit = commit_of(repo, "HEAD")
         result = verify_team(fp, Marks(), repo.files(commit))
         if isinstance(result, Broken):
             raise TeamInvalid(f"cannot join: {result.message}")
@@ -451,43 +356,6 @@ class Teams:
         install_hook(repo)
         return result, identity.card(me).text()
 
-    def add_member(self, checkout: Checkout, name: str, card_text: str, role: str,
-                   groups: Iterable[str]) -> str:
-        try:
-            card = parse_card(card_text)
-        except FormatError as exc:
-            raise UsageError(f"this is not a member card: {exc.detail}") from None
-        if card.name != name:
-            raise UsageError(f"the card is {card.name}'s, not {name}'s: check who sent it")
-        if not card_is_genuine(card):
-            raise UsageError(f"the card of {card.name} fails its self-signature: ask them to "
-                             "send it again (`secret-broker team card`)")
-        if role not in ROLES:
-            raise UsageError(f"--role must be one of {', '.join(ROLES)}")
-        roster = checkout.team.roster
-        if card.name in roster.members:
-            raise UsageError(f"{card.name} is already a member; `team grant` changes groups")
-        groups = list(groups)
-        self.require_groups(checkout, groups)
-        change = edit.add_member(checkout.team, card, role, groups, self.actor(checkout))
-        return self.commit(checkout, change, f"team: add {card.name} ({role})",
-                           "team.member_added", member=card.name, role=role, groups=groups)
-
-    def require_groups(self, checkout: Checkout, groups: Iterable[str]) -> None:
-        known = checkout.team.roster.groups
-        for group in groups:
-            if group not in known:
-                raise UsageError(f"team {checkout.config.name} has no group {group!r}; groups: "
-                                 f"{', '.join(known) or 'none yet (`team group add G`)'}")
-
-    def require_member(self, checkout: Checkout, name: str) -> Member:
-        member = checkout.team.roster.members.get(name)
-        if member is None:
-            raise NotFound(f"team {checkout.config.name} has no member {name!r}; members: "
-                           f"{', '.join(sorted(checkout.team.roster.members))}")
-        return member
-
-
 def read_commit(metadata: Metadata, config: TeamConfig, *, ref: str | None = None,
                 since: str | None = None) -> tuple[Repo, str, Verified | Broken]:
     """A team's commit, read from git and verified against what this home pinned and
@@ -498,14 +366,14 @@ def read_commit(metadata: Metadata, config: TeamConfig, *, ref: str | None = Non
     if trust is None:
         raise NotFound(f"team {config.name} is configured but not pinned in this home: "
                        f"run `secret-broker team join` in {config.path}")
-    commit = _commit(repo, ref or config.ref)
+    commit = commit_of(repo, ref or config.ref)
     try:
         files = repo.files(commit)
-        descends = trust.commit is None or _descends(repo, since or trust.commit, commit)
+        follows = trust.commit is None or descends(repo, since or trust.commit, commit)
     except GitError as exc:
         raise GitFailed(f"team {config.name}: {exc}", transient=exc.transient) from None
     result = verify_team(trust.fingerprint, Marks(trust.generation, trust.seqs), files,
-                         descends=descends)
+                         descends=follows)
     if isinstance(result, Verified) and result.team_id != trust.team_id:
         result = Broken(roster_path(1), "fingerprint", "names another team id")
     return repo, commit, result
@@ -527,7 +395,7 @@ def find_repo(where: Path) -> Repo:
         raise GitFailed(f"{where} is not inside a git work tree ({exc})") from None
 
 
-def _commit(repo: Repo, ref: str) -> str:
+def commit_of(repo: Repo, ref: str) -> str:
     try:
         commit = repo.commit_of(ref)
     except GitError as exc:
@@ -537,118 +405,9 @@ def _commit(repo: Repo, ref: str) -> str:
     return commit
 
 
-def _descends(repo: Repo, older: str, newer: str) -> bool:
+def descends(repo: Repo, older: str, newer: str) -> bool:
     """Whether `newer` descends from `older`; a commit gone from the repository (a force
     push) counts as not descending."""
     if repo.commit_of(older) is None:
         return False
     return repo.is_ancestor(older, newer)
-
-
-class TeamChanges:
-    """Every change a member can make, each one commit, each audited in this home."""
-
-    def __init__(self, teams: Teams, checkout: Checkout) -> None:
-        self.teams, self.checkout = teams, checkout
-        self.name = checkout.config.name
-
-    def _admin(self) -> None:
-        me = self.checkout.me
-        if me is None or me.role != "admin":
-            raise UsageError(f"only an admin of team {self.name} can change its roster")
-
-    def _writer(self, group: str) -> None:
-        me = self.checkout.me
-        if me is None or not me.writes(group):
-            raise UsageError(f"you cannot write group {group} of team {self.name}: ask an "
-                             "admin (`team grant NAME GROUP` gives writers a group)")
-
-    def remove_member(self, name: str) -> tuple[str, list[str]]:
-        self._admin()
-        member = self.teams.require_member(self.checkout, name)
-        if member.role == "admin" and sum(
-                m.role == "admin" for m in self.checkout.team.roster.members.values()) == 1:
-            raise UsageError(f"{name} is the last admin: add another admin first")
-        refs = edit.readable_refs(self.checkout.team, member)
-        commit = self.teams.commit(
-            self.checkout, edit.remove_member(self.checkout.team, name,
-                                              self.teams.actor(self.checkout)),
-            f"team: remove {name}", "team.member_removed", member=name, refs=refs)
-        return commit, refs
-
-    def set_groups(self, name: str, group: str, grant: bool) -> tuple[str, list[str]]:
-        self._admin()
-        self.teams.require_groups(self.checkout, [group])
-        member = self.teams.require_member(self.checkout, name)
-        groups = set(member.groups) | {group} if grant else set(member.groups) - {group}
-        lost = [] if grant or member.role == "admin" else [group]
-        refs = edit.readable_refs(self.checkout.team, member, lost) if lost else []
-        change = edit.set_groups(self.checkout.team, name, groups, self.teams.actor(self.checkout))
-        event = "team.granted" if grant else "team.revoked"
-        commit = self.teams.commit(self.checkout, change,
-                                   f"team: {'grant' if grant else 'revoke'} {name} {group}",
-                                   event, member=name, group=group, refs=refs)
-        return commit, refs
-
-    def group(self, group: str, add: bool) -> str:
-        self._admin()
-        check_name("group", group)
-        roster = self.checkout.team.roster
-        if add:
-            if group in roster.groups:
-                raise UsageError(f"team {self.name} has a group {group} already")
-            groups = [*roster.groups, group]
-        else:
-            self.teams.require_groups(self.checkout, [group])
-            used = [r for r, s in self.checkout.team.secrets.items() if s.envelope.group == group]
-            members = [m.name for m in roster.members.values() if group in m.groups]
-            if used or members:
-                raise UsageError(f"group {group} still holds {len(used)} secret(s) and "
-                                 f"{len(members)} member(s): `team rm` and `team revoke` them "
-                                 "first")
-            groups = [g for g in roster.groups if g != group]
-        change = edit.change_roster(self.checkout.team, self.teams.actor(self.checkout),
-                                    groups=groups)
-        return self.teams.commit(self.checkout, change,
-                                 f"team: {'add' if add else 'remove'} group {group}",
-                                 "team.group_added" if add else "team.group_removed",
-                                 group=group)
-
-    def set_secret(self, ref: str, group: str, provider: str, kind: str, value: str) -> str:
-        self.teams.require_groups(self.checkout, [group])
-        self._writer(group)
-        if not value:
-            raise UsageError("the value is empty; nothing was stored")
-        team = self.checkout.team
-        existed = ref in team.secrets
-        try:
-            change = edit.set_secret(team, group, ref, value, self.teams.actor(self.checkout),
-                                     provider=provider, kind=kind)
-        except FormatError as exc:
-            raise UsageError(exc.detail) from None
-        return self.teams.commit(self.checkout, change, f"team: {'rotate' if existed else 'add'} "
-                                 f"@{ref}", "secret.rotated" if existed else "secret.added",
-                                 secret_ref=ref, group=group)
-
-    def remove_secret(self, ref: str) -> str:
-        secret = self.checkout.team.secrets.get(ref)
-        if secret is None:
-            raise SecretNotFound(f"team {self.name} has no secret @{ref}")
-        self._writer(secret.envelope.group)
-        change = edit.remove_secret(self.checkout.team, ref, self.teams.actor(self.checkout))
-        return self.teams.commit(self.checkout, change, f"team: remove @{ref}", "secret.removed",
-                                 secret_ref=ref, group=secret.envelope.group)
-
-    def rekey(self, group: str | None) -> str | None:
-        if group is None:
-            self._admin()
-        else:
-            self.teams.require_groups(self.checkout, [group])
-            self._writer(group)
-        team = self.checkout.team
-        change = edit.rekey(team, team.roster, self.teams.actor(self.checkout),
-                            None if group is None else [group])
-        if not change:
-            return None
-        return self.teams.commit(self.checkout, change, "team: re-encrypt to the roster",
-                                 "team.rekeyed", group=group, count=len(change) // 2)

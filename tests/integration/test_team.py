@@ -60,6 +60,11 @@ def test_members_share_and_rotate_keys_through_git(world: World) -> None:
     assert {m.digest() for m in (alice, bob, ci)} == {sha(VALUE)}
     assert alice.digest("@acme.db_password") == sha(VALUE_2)
     assert ci.exec_code("@acme.db_password") == 5  # not a reader of prod: cannot decrypt
+    template, out = world.root / "svc.tpl", world.root / "svc.conf"
+    template.write_text("key = {{ @acme.openai_api_key }}\n")
+    ci.cli.ok("inject", "-i", str(template), "-o", str(out))
+    assert out.read_text() == f"key = {VALUE}\n"
+    out.unlink()
     assert bob.exec_code("@acme.nothing_here") == 3
     bob.ok("set", "@openai_api_key", "--group", "llm", "--provider", "openai", "--stdin",
            input="sk-rotated-by-bob-0123456789")
@@ -373,3 +378,31 @@ def test_groups_revoke_tombstones_inspect_and_rekey(world: World) -> None:
     alice.ok("group", "remove", "empty")
     assert json.loads(alice.ok("status", "--json"))["team_groups"] == ["llm", "prod"]
     assert bob.team("member", "remove", "ci").returncode == 2  # only an admin
+
+
+def test_old_ciphertexts_copied_back_are_named_by_the_recipient_rules(world: World) -> None:
+    """Files signed by a real admin but encrypted for an older roster: CI (no home, no
+    rollback memory) names the recipient rule; a member's machine refuses them as rollback."""
+    alice = world["alice"]
+    files = [OPENAI + ".age", OPENAI + ".json"]
+    before = {f: (alice.clone / f).read_bytes() for f in files}
+    alice.ok("member", "remove", "bob")  # re-encrypts without bob
+
+    def copy_back_and_check(rule: str) -> None:
+        for name, data in before.items():
+            (alice.clone / name).write_bytes(data)
+        git(alice.clone, "commit", "-q", "--no-verify", "-am", f"old files: {rule}")
+        ci_check = alice.team("check", "--ci", "--json")
+        assert any(f"(rule {rule}:" in e for e in json.loads(ci_check.stdout)["errors"])
+        assert alice.exec_code() == 5
+        assert any("(rule rollback:" in e
+                   for e in json.loads(alice.team("check", "--json").stdout)["errors"])
+        git(alice.clone, "reset", "-q", "--hard", "HEAD~1")
+
+    copy_back_and_check("revocation-incomplete")  # still encrypted to bob, who left
+    card = world["bob"].ok("card", "--as", "bob2").strip().splitlines()[-1]
+    alice.ok("member", "add", "bob2", "--card", card, "--role", "reader", "--group", "llm")
+    before = {f: (alice.clone / f).read_bytes() for f in files}
+    alice.ok("member", "add", "dave", "--card", Identity.generate().card("dave").text(),
+             "--role", "reader", "--group", "llm")
+    copy_back_and_check("recipients")  # dave, added since, cannot open it

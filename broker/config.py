@@ -7,6 +7,7 @@ from typing import Any
 
 from broker.core.errors import ConfigError
 from broker.core.home import Home
+from broker.core.refs import REF_RE, TEAM_NAME_RE
 from grants import tomlfile
 
 DEFAULT_LISTEN = "127.0.0.1:18443"
@@ -115,6 +116,13 @@ def _parse_teams(body: Any, source: str) -> dict[str, TeamConfig]:
                 raise ConfigError(f"{source}: [teams.{name}] {key} must be {want.__name__}")
         if "path" not in table:
             raise ConfigError(f"{source}: [teams.{name}] needs path (the git work tree)")
+        if not TEAM_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{source}: [teams.{name}]: a team name is 1-64 of a-z 0-9 _ . -")
+        if "prefix" in table and not REF_RE.fullmatch(table["prefix"] + "x"):
+            raise ConfigError(f"{source}: [teams.{name}] prefix must be A-Z a-z 0-9 _ . - "
+                              "(it starts every served ref)")
+        if table.get("max_stale_hours", 1) <= 0:
+            raise ConfigError(f"{source}: [teams.{name}] max_stale_hours must be positive")
         teams[name] = TeamConfig(name, **table)
     return teams
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -242,3 +243,18 @@ def test_a_checkout_it_cannot_trust_is_refused(served: Served) -> None:
     with pytest.raises(BrokerError, match="not a git work tree"):
         s.daemon.client().lease(TEAM_REF, "llm.chat")
     assert s.lease_status("@local_key") == CANARY
+
+
+def test_a_removal_arrives_on_sighup_and_ends_its_leases(served: Served) -> None:
+    s, alice, ci = served, served.world["alice"], served.world["ci"]
+    lease = s.daemon.client().lease(TEAM_REF, "llm.chat")
+    alice.ok("rm", "@openai_api_key")
+    alice.ok("sync")
+    git(ci.clone, "pull", "-q", "--ff-only")
+    os.kill(s.daemon.proc.pid, signal.SIGHUP)
+    wait_for(lambda: s.lease_status(TEAM_REF) == 404, timeout=10,
+             what="the tombstone to be served")
+    removed = s.events("secret.removed")
+    assert removed and (removed[-1]["secret_ref"], removed[-1]["team"]) == (
+        "acme.openai_api_key", "acme")
+    assert lease["lease_id"] not in {x["lease_id"] for x in s.daemon.client().leases()}

@@ -66,6 +66,7 @@ def test_rendered_config_parses(backend: str) -> None:
     ("[storage]\n", "unknown section \\[storage\\]"),
     ('listen = "x"\n', "unknown section \\[listen\\]"),
     ('[providers.openai]\nurl = "http://x"\n', r"(?=.*\[providers\.openai\])(?=.*\burl\b)"),
+    ('[teams.acme]\npath = "/x"\nbranch = "main"\n', "unknown key 'branch' in \\[teams.acme\\]"),
 ])
 def test_unknown_keys_are_named(text: str, message: str) -> None:
     """A typo is an error naming the key and its section, never ignored."""
@@ -91,11 +92,27 @@ def test_unknown_keys_are_named(text: str, message: str) -> None:
     ('[providers]\nopenai = "x"\n', "\\[providers.openai\\] must be a table"),
     ("[providers.openai]\nbase_url = 5\n", r"\[providers\.openai\] base_url\b"),
     ('[providers.openai]\nsecret_ref = ""\n', r"\[providers\.openai\] secret_ref\b"),
+    ('teams = "acme"\n', "\\[teams\\] must hold tables"),
+    ('[teams.acme]\nref = "HEAD"\n', "\\[teams.acme\\] needs path"),
+    ('[teams.acme]\npath = 1\n', "\\[teams.acme\\] path must be str"),
+    ('[teams.acme]\npath = "/x"\nmax_stale_hours = "1"\n', "max_stale_hours must be int"),
+    ('[teams.acme]\npath = "/x"\nmax_stale_hours = 0\n', "max_stale_hours must be positive"),
+    ('[teams.acme]\npath = "/x"\nprefix = "a b"\n', "\\[teams.acme\\] prefix must be"),
+    ('[teams.Acme]\npath = "/x"\n', "a team name is"),
 ])
 def test_wrong_types_are_named(text: str, message: str) -> None:
     """A wrong type or value is an error naming the section and key."""
     with pytest.raises(ConfigError, match=message):
         parse_config(text)
+
+
+def test_a_team_table() -> None:
+    config = parse_config('[teams.acme]\npath = "/src/acme"\nref = "refs/remotes/origin/main"\n')
+    team = config.teams["acme"]
+    assert (team.path, team.ref, team.ref_prefix, team.max_stale_hours) == (
+        "/src/acme", "refs/remotes/origin/main", "acme.", 168)
+    assert parse_config('[teams.acme]\npath = "/x"\nprefix = "t-"\n').teams["acme"].ref_prefix \
+        == "t-"
 
 
 def test_syntax_error_names_the_source() -> None:

@@ -21,10 +21,11 @@ from broker.team import edit
 from broker.team.format import parse_roster, roster_path
 from broker.team.keys import Identity
 from broker.team.verify import Marks, Verified, verify_team
-from tests.conftest import scan
+from tests.conftest import grant, scan, write_grants
 from tests.support.team import (
     GIT_ENV,
     OPENAI,
+    SHA_K,
     TAMPER,
     VALUE,
     VALUE_2,
@@ -60,6 +61,13 @@ def test_members_share_and_rotate_keys_through_git(world: World) -> None:
     assert {m.digest() for m in (alice, bob, ci)} == {sha(VALUE)}
     assert alice.digest("@acme.db_password") == sha(VALUE_2)
     assert ci.exec_code("@acme.db_password") == 5  # not a reader of prod: cannot decrypt
+    profiles = ci.cli.home / "profiles.toml"  # a profile under grants, as for local refs
+    profiles.write_text('[profiles.agent]\nconsumer = "agent"\n'
+                        'env = { K = "@acme.openai_api_key" }\n')
+    profiles.chmod(0o600)
+    assert ci.cli("exec", "--profile", "agent", "--", "true").returncode == 4  # no grant yet
+    write_grants(ci.cli.home, grant("acme.openai_api_key", "agent", delivery='"env"'))
+    assert ci.cli.ok("exec", "--profile", "agent", "--", *SHA_K).split()[0] == sha(VALUE)
     template, out = world.root / "svc.tpl", world.root / "svc.conf"
     template.write_text("key = {{ @acme.openai_api_key }}\n")
     ci.cli.ok("inject", "-i", str(template), "-o", str(out))

@@ -117,12 +117,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from broker.core.refs import parse_ref
+
     service = _secrets(args)
+    ref = parse_ref(args.ref)
     doc: dict[str, object]
-    if service.ctx.session.config.teams and service.ctx.metadata.find(args.ref.lstrip("@")) is None:
+    if service.ctx.session.config.teams and service.ctx.metadata.find(ref) is None:
         from broker.service.team import Teams
 
-        doc = Teams(service.ctx).describe(args.ref.lstrip("@"))
+        doc = Teams(service.ctx).describe(ref)
     else:
         doc = service.inspect(args.ref).as_json()
     if args.json:

@@ -31,16 +31,6 @@ SECRETS, MEMBERS = 200, 10
 T = TypeVar("T")
 
 
-def apply(files: dict[str, bytes], change: edit.Files) -> dict[str, bytes]:
-    out = dict(files)
-    for path, data in change.items():
-        if data is None:
-            out.pop(path, None)
-        else:
-            out[path] = data
-    return out
-
-
 def verified(files: dict[str, bytes]) -> Verified:
     result = verify_team(None, Marks(), files)
     assert isinstance(result, Verified), result
@@ -49,17 +39,17 @@ def verified(files: dict[str, bytes]) -> Verified:
 
 def build() -> tuple[dict[str, bytes], edit.Actor]:
     admin = edit.Actor("admin", Identity.generate(), "2026-12-05T00:00:00Z")
-    files = {k: v for k, v in edit.new_team("a" * 32, "bench", admin).items() if v is not None}
-    files = apply(files, edit.change_roster(verified(files), admin, groups=["llm"]))
+    files = edit.apply({}, edit.new_team("a" * 32, "bench", admin))
+    files = edit.apply(files, edit.change_roster(verified(files), admin, groups=["llm"]))
     for i in range(MEMBERS - 2):
         card = Identity.generate().card(f"reader{i}")
-        files = apply(files, edit.add_member(verified(files), card, "reader", ["llm"], admin))
+        files = edit.apply(files, edit.add_member(verified(files), card, "reader", ["llm"], admin))
     team = verified(files)
     change: edit.Files = {}
     for i in range(SECRETS):
         change.update(edit.set_secret(team, "llm", f"key_{i:03d}", f"sk-bench-{i:04d}" * 3,
                                       admin, provider="openai", kind="api_key"))
-    return apply(files, change), admin
+    return edit.apply(files, change), admin
 
 
 def best(runs: int, job: Callable[[], T]) -> tuple[float, T]:
@@ -81,7 +71,7 @@ def main() -> int:
     newcomer = Identity.generate().card("newcomer")
     rekey_s, change = best(args.runs, lambda: edit.add_member(team, newcomer, "reader",
                                                               ["llm"], admin))
-    after = apply(files, change)
+    after = edit.apply(files, change)
     rekeyed = sum(1 for path in change if path.endswith(".age"))
     verify_s, result = best(args.runs, lambda: verified(after))
     with tempfile.TemporaryDirectory() as tmp:

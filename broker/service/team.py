@@ -279,12 +279,7 @@ class Teams:
         if head != checkout.commit:
             raise GitFailed(f"HEAD ({head[:12]}) is not the commit verified for this change "
                             f"({checkout.commit[:12]}); check out the team's branch")
-        files = {**repo.files(head)}
-        for path, data in change.items():
-            if data is None:
-                files.pop(path, None)
-            else:
-                files[path] = data
+        files = edit.apply(repo.files(head), change)
         trust = self.ctx.metadata.team_trust(checkout.config.name)
         assert trust is not None
         result = verify_team(trust.fingerprint, Marks(trust.generation, trust.seqs), files)

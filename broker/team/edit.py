@@ -31,6 +31,17 @@ from broker.team.verify import Verified
 Files = dict[str, bytes | None]
 
 
+def apply(files: Mapping[str, bytes], change: Files) -> dict[str, bytes]:
+    """The files of a commit once `change` is made to them (None deletes a path)."""
+    out = dict(files)
+    for path, data in change.items():
+        if data is None:
+            out.pop(path, None)
+        else:
+            out[path] = data
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Actor:
     """Who makes a change: the member's name in the roster, their identity, and the time."""

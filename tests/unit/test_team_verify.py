@@ -36,16 +36,6 @@ def actor(name: str, identity: Identity) -> edit.Actor:
     return edit.Actor(name, identity, NOW)
 
 
-def apply(files: Files, change: edit.Files) -> Files:
-    out = dict(files)
-    for path, data in change.items():
-        if data is None:
-            out.pop(path, None)
-        else:
-            out[path] = data
-    return out
-
-
 def ok(files: Files, pin: str | None = None, marks: Marks | None = None) -> Verified:
     result = verify_team(pin, marks or Marks(), files)
     assert isinstance(result, Verified), result
@@ -54,17 +44,16 @@ def ok(files: Files, pin: str | None = None, marks: Marks | None = None) -> Veri
 
 def team() -> tuple[Files, str]:
     """alice (admin), bob (writer of llm), ci (reader of llm); two secrets in llm, one in prod."""
-    files: Files = {k: v for k, v in edit.new_team("a" * 32, "acme", actor("alice", ALICE)).items()
-                    if v is not None}
+    files = edit.apply({}, edit.new_team("a" * 32, "acme", actor("alice", ALICE)))
     pin = sha256(files[roster_path(1)])
     a = actor("alice", ALICE)
     t = ok(files, pin)
-    files = apply(files, edit.change_roster(t, a, groups=["llm", "prod"]))
+    files = edit.apply(files, edit.change_roster(t, a, groups=["llm", "prod"]))
     for name, identity, role in (("bob", BOB, "writer"), ("ci", CI, "reader")):
-        files = apply(files, edit.add_member(ok(files, pin), identity.card(name), role,
+        files = edit.apply(files, edit.add_member(ok(files, pin), identity.card(name), role,
                                              ["llm"], a))
     for ref, group in (("openai_api_key", "llm"), ("jina_api_key", "llm"), ("db", "prod")):
-        files = apply(files, edit.set_secret(ok(files, pin), group, ref, VALUE, a,
+        files = edit.apply(files, edit.set_secret(ok(files, pin), group, ref, VALUE, a,
                                              provider="openai", kind="api_key"))
     return files, pin
 
@@ -101,21 +90,21 @@ def test_cards_are_self_signed() -> None:
 
 def test_a_removed_member_cannot_read_what_is_rekeyed_after() -> None:
     before = TEAM
-    files = apply(FILES, edit.remove_member(before, "bob", actor("alice", ALICE)))
+    files = edit.apply(FILES, edit.remove_member(before, "bob", actor("alice", ALICE)))
     after = ok(files, PIN)
     assert edit.value_of(before, "openai_api_key", BOB) == VALUE  # what bob already had
     with pytest.raises(Exception, match="decrypt"):
         edit.value_of(after, "openai_api_key", BOB)
     assert edit.value_of(after, "openai_api_key", CI) == VALUE
     assert after.to_rotate() == {"jina_api_key": ["bob"], "openai_api_key": ["bob"]}
-    rotated = apply(files, edit.set_secret(after, "llm", "openai_api_key", "new", actor(
+    rotated = edit.apply(files, edit.set_secret(after, "llm", "openai_api_key", "new", actor(
         "alice", ALICE), provider="openai", kind="api_key"))
     assert ok(rotated, PIN).to_rotate() == {"jina_api_key": ["bob"]}
 
 
 def test_a_removed_members_new_signature_is_refused() -> None:
-    files = apply(FILES, edit.remove_member(TEAM, "bob", actor("alice", ALICE)))
-    forged = apply(files, edit.set_secret(ok(files, PIN), "llm", "openai_api_key", "evil",
+    files = edit.apply(FILES, edit.remove_member(TEAM, "bob", actor("alice", ALICE)))
+    forged = edit.apply(files, edit.set_secret(ok(files, PIN), "llm", "openai_api_key", "evil",
                                           actor("bob", BOB), provider="openai", kind="api_key"))
     broken = verify_team(PIN, Marks(), forged)
     assert isinstance(broken, Broken) and broken.rule == "envelope-signature"
@@ -141,7 +130,7 @@ def _resign_roster(change: Callable[[Roster], Roster], signer: Identity,
 
 
 def _reader_writes(files: Files) -> Files:
-    return apply(files, edit.set_secret(TEAM, "llm", "openai_api_key", "x",
+    return edit.apply(files, edit.set_secret(TEAM, "llm", "openai_api_key", "x",
                                         actor("ci", CI), provider="openai", kind="api_key"))
 
 
@@ -162,7 +151,7 @@ def _eve_genesis(files: Files) -> Files:
 
 def _old_recipients(files: Files) -> Files:
     """The envelope still lists (and the file is encrypted to) a member who was removed."""
-    removed = apply(files, edit.remove_member(TEAM, "bob", actor("alice", ALICE)))
+    removed = edit.apply(files, edit.remove_member(TEAM, "bob", actor("alice", ALICE)))
     return {**removed, OPENAI_AGE: files[OPENAI_AGE], OPENAI_JSON: files[OPENAI_JSON]}
 
 
@@ -225,7 +214,7 @@ def test_rollback_rules() -> None:
     marks = TEAM.marks
     older = FILES  # the same commit is fine
     ok(older, PIN, marks)
-    newer = apply(FILES, edit.set_secret(TEAM, "llm", "openai_api_key", "v2",
+    newer = edit.apply(FILES, edit.set_secret(TEAM, "llm", "openai_api_key", "v2",
                                          actor("alice", ALICE), provider="openai",
                                          kind="api_key"))
     high = ok(newer, PIN).marks
@@ -238,6 +227,6 @@ def test_rollback_rules() -> None:
     assert isinstance(broken, Broken) and broken.rule == "vanished"
     broken = verify_team(PIN, Marks(), FILES, descends=False)
     assert isinstance(broken, Broken) and broken.rule == "rollback"
-    tomb = apply(newer, edit.remove_secret(ok(newer, PIN), "openai_api_key",
+    tomb = edit.apply(newer, edit.remove_secret(ok(newer, PIN), "openai_api_key",
                                            actor("alice", ALICE)))
     assert "openai_api_key" in ok(tomb, PIN, high).tombstones

@@ -26,6 +26,9 @@ import pytest
 from broker.client import BrokerClient
 from broker.core.errors import BrokerNotRunning
 
+# The team-vault fixtures (`template`, `world`) live with the team world they build.
+pytest_plugins = ["tests.support.team"]
+
 # Canary values: tests store these and then scan every output for them.
 CANARY = "sk-canary-" + uuid.uuid4().hex
 CANARY_2 = "sk-canary2-" + uuid.uuid4().hex

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,28 +29,11 @@ from tests.support.team import (
     World,
     add_local_clash,
     blob,
-    build_world,
-    copy_world,
     git,
     new_member,
     sha,
     write_file,
 )
-
-
-@pytest.fixture(scope="module")
-def template() -> Iterator[World]:
-    """Built once per module (about 40 CLI calls); each test gets its own copy."""
-    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
-    yield build_world(root)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def world(template: World) -> Iterator[World]:
-    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
-    yield copy_world(template, root)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_members_share_and_rotate_keys_through_git(world: World) -> None:

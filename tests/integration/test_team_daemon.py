@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +23,6 @@ from tests.support.team import (
     World,
     add_local_clash,
     blob,
-    build_world,
-    copy_world,
     git,
     write_file,
 )
@@ -54,18 +49,8 @@ class Served:
         return [e for e in map(json.loads, lines) if e["event"] == name]
 
 
-@pytest.fixture(scope="module")
-def template() -> Iterator[World]:
-    """Built once per module; each test serves its own copy."""
-    root = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
-    yield build_world(root)
-    shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture
-def served(template: World) -> Iterator[Served]:
-    root = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
-    world = copy_world(template, root)
+def served(world: World) -> Iterator[Served]:
     ci = world["ci"]
     upstream = StandIn("openai", VALUE).start()
     config = ci.cli.home / "config.toml"
@@ -81,7 +66,6 @@ def served(template: World) -> Iterator[Served]:
         daemon.proc.kill()
         daemon.proc.wait()
     upstream.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def chat(s: Served) -> str:

@@ -11,9 +11,13 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from broker.core.home import Home
 from broker.service.context import Context
@@ -202,3 +206,21 @@ TAMPER = {
 def blob(repo: Path, spec: str) -> bytes:
     return subprocess.run(["git", "show", spec], cwd=repo, capture_output=True, check=True,
                           env={**os.environ, **GIT_ENV}).stdout
+
+
+# --- fixtures: import them into a test module to use them ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def template() -> Iterator[World]:
+    """Built once per module (about 40 CLI calls); each test gets its own copy."""
+    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
+    yield build_world(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def world(template: World) -> Iterator[World]:
+    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
+    yield copy_world(template, root)
+    shutil.rmtree(root, ignore_errors=True)

@@ -29,14 +29,6 @@ AAAAIFv0m1y9wC2m7oF0p6mXh2L3m4n5o6p7q8r9s0t1u2v3
 Private-MAC: 4a6f2c1b0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b
 """
 
-_OPENSSH_LITERAL = """\
------BEGIN OPENSSH PRIVATE KEY-----
-b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
-QyNTUxOQAAACCeR9LViakPGNctnxu3FdG0J5ce2yZtktJKs0Nm9yvYnQAAAJjRm1c=
------END OPENSSH PRIVATE KEY-----
-"""
-
-
 def _assert_quiet(findings: list[Finding], secret: str) -> None:
     """No finding may carry the secret: the hook prints them."""
     for finding in findings:
@@ -52,7 +44,7 @@ def _age_identity() -> str:
 
 def _openssl_key(algorithm: str) -> str:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        pytest.fail("openssl is missing: scripts/test installs it")
     argv = ["openssl", "genpkey", "-algorithm", algorithm]
     if algorithm == "EC":
         argv += ["-pkeyopt", "ec_paramgen_curve:P-256"]
@@ -64,7 +56,7 @@ def _openssl_key(algorithm: str) -> str:
 def _openssl_traditional(algorithm: str) -> str:
     """The legacy `-----BEGIN RSA/EC PRIVATE KEY-----` form of a fresh key."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        pytest.fail("openssl is missing: scripts/test installs it")
     argv = ["openssl", "rsa", "-traditional"] if algorithm == "RSA" else ["openssl", "ec"]
     return subprocess.run(
         argv,
@@ -74,7 +66,7 @@ def _openssl_traditional(algorithm: str) -> str:
 
 def _openssh_key(tmp_path: Path) -> str:
     if shutil.which("ssh-keygen") is None:
-        return _OPENSSH_LITERAL
+        pytest.fail("ssh-keygen is missing: scripts/test installs it (openssh-client)")
     key = tmp_path / "id_ed25519"
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(key)],
@@ -264,16 +256,14 @@ def test_team_files_must_be_well_formed_and_whole() -> None:
     from broker.team.verify import Marks, Verified, verify_team
 
     actor = edit.Actor("alice", Identity.generate(), "2026-01-01T00:00:00Z")
-    files = {k: v for k, v in edit.new_team("a" * 32, "acme", actor).items() if v is not None}
+    files = edit.apply({}, edit.new_team("a" * 32, "acme", actor))
     team = verify_team(None, Marks(), files)
     assert isinstance(team, Verified)
-    files.update({k: v for k, v in edit.change_roster(team, actor, groups=["llm"]).items()
-                  if v is not None})
+    files = edit.apply(files, edit.change_roster(team, actor, groups=["llm"]))
     team = verify_team(None, Marks(), files)
     assert isinstance(team, Verified)
-    files.update({k: v for k, v in edit.set_secret(team, "llm", "k", "value-0123456789", actor,
-                                                   provider="p", kind="api_key").items()
-                  if v is not None})
+    files = edit.apply(files, edit.set_secret(team, "llm", "k", "value-0123456789", actor,
+                                              provider="p", kind="api_key"))
     assert scan_team_files(files) == []
     age, envelope = ".sbteam/secrets/llm/k.age", ".sbteam/secrets/llm/k.json"
     broken = {

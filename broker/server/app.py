@@ -86,7 +86,7 @@ def create_app(service: Context, config: LiveConfig, audit: AuditRecorder,
     app[ACCESS] = access
     app[AUTH] = auth
     teams = app[TEAMS] = ServedTeams(service.home, Teams(service), access.secret_changed,
-                                     audit.record)
+                                     audit.record_safely)
     teams.configure(config.config.teams)
     app[SECRETS] = SecretsCache(service, access, auth, teams)
     app[SPENDING] = Spending(service.metadata)

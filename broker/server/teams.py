@@ -57,7 +57,7 @@ class ServedTeams:
         self._home = home
         self._teams = teams  # the daemon's own context: the identity, read on the loop
         self._secret_changed = secret_changed
-        self._record = record
+        self._record = record  # after the fact: a failed write is logged, never raised
         self._configs: dict[str, TeamConfig] = {}
         # Served refs start with one of these: a plain attribute, so a request for a local
         # ref never calls into this module.
@@ -210,16 +210,16 @@ class ServedTeams:
             if key not in self._failures_seen:  # once per distinct failure
                 self._failures_seen.add(key)
                 log.error("team.unavailable", team=config.name, commit=commit, error=message)
-                self._safe(failure_event(result) if isinstance(result, Broken) else "team.invalid",
-                           team=config.name, commit=commit, rule=rule,
-                           file=result.file if isinstance(result, Broken) else None,
-                           reason=message[:500])
+                broken = result if isinstance(result, Broken) else None
+                self._record(failure_event(broken) if broken else "team.invalid",
+                             team=config.name, commit=commit, rule=rule,
+                             file=broken.file if broken else None, reason=message[:500])
             return
         new = Snapshot(config, commit, result)
         self._snapshots[config.name] = new
         if old is not None:
             self._end(old, new)
-        self._safe("team.reloaded", team=config.name, commit=commit, count=len(result.secrets))
+        self._record("team.reloaded", team=config.name, commit=commit, count=len(result.secrets))
         log.info("team.reloaded", team=config.name, commit=commit, secrets=len(result.secrets))
 
     def _end(self, old: Snapshot, new: Snapshot | None) -> None:
@@ -238,17 +238,11 @@ class ServedTeams:
             if new is None or new.team is None:
                 continue  # unavailable, not changed: the failure is audited once
             if now is None:
-                self._safe("secret.removed", secret_ref=served, team=old.config.name,
+                self._record("secret.removed", secret_ref=served, team=old.config.name,
                            commit=new.commit, version=secret.envelope.version)
             else:
-                self._safe("secret.rotated", secret_ref=served, team=old.config.name,
+                self._record("secret.rotated", secret_ref=served, team=old.config.name,
                            commit=new.commit, signer=now.envelope.signed_by, version=version)
-
-    def _safe(self, event: str, **fields: Any) -> None:
-        try:
-            self._record(event, **fields)
-        except BrokerError as exc:
-            log.error("audit.failed", audit_event=event, error=exc.message)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -110,6 +110,9 @@ def apply(fmt: str, doc: Any, usage: Usage) -> None:
         usage.reasoning_tokens = _int(_dig(u, "completion_tokens_details", "reasoning_tokens"))
 
 
+_DECODER = json.JSONDecoder()
+
+
 class UsageTap:
     """Fed each chunk as it is forwarded; never holds more than one SSE line or TAP_LIMIT."""
 
@@ -180,7 +183,7 @@ class UsageTap:
                 continue
             tail = body[key.end():key.end() + _USAGE_SPAN].decode("utf-8", "replace")
             try:
-                value, _ = json.JSONDecoder().raw_decode(tail)
+                value, _ = _DECODER.raw_decode(tail)
             except ValueError:
                 continue
             if isinstance(value, dict):

@@ -332,6 +332,7 @@ async def _flush_audit(service: Context) -> None:
 async def _housekeeping(app: web.Application) -> None:
     app[ACCESS].reload_if_changed()
     await app[TEAMS].refresh()  # a stat of the git refs; a new commit is read and verified
+    app[AUTH].reread()  # broker.token edited by hand (`token rotate` is noticed at once)
     cache = app[SECRETS]
     cache.refresh()
     cache.end_leases_of_dead_tokens()  # tokens expire without any commit to notice

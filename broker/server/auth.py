@@ -1,12 +1,14 @@
 """One authentication step: whatever a request presents becomes a Principal, or 401.
 
-The bootstrap token is re-read when `broker.token` changes, so `token rotate` ends the
-old token at once. Tokens are compared in constant time.
+The bootstrap token is re-read when `broker.token` changes; `token rotate` also moves
+metadata.db's generation, which every request checks, so the old token ends at once.
+Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -74,22 +76,24 @@ class Authenticator:
         self._token = b""
         self.consumer_tokens: Mapping[str, ConsumerToken] = {}
         self.sessions: Sessions | None = None
+        self.reread()
 
-    def _bootstrap(self) -> bytes:
+    def reread(self) -> None:
+        """Re-read `broker.token` if it changed (inode, mtime). Not on every request: when
+        metadata.db changed (`token rotate` moves its generation) and once a second (an edit
+        by hand)."""
         try:
-            st = self._path.stat()
+            st = os.stat(self._path)
             signature = (st.st_ino, st.st_mtime_ns)
             if signature != self._signature:
                 self._token = self._path.read_bytes().strip()
                 self._signature = signature
         except FileNotFoundError:
             self._token, self._signature = b"", None
-        return self._token
 
     def broker_tokens(self, presented: str | None) -> tuple[str, ...]:
         """The broker tokens in play for one request, which the gateway must not forward in
-        any header or query parameter: the caller's own token and the owner's bootstrap token
-        (as `authenticate` just read it)."""
+        any header or query parameter: the caller's own token and the owner's bootstrap token."""
         own = self._token.decode("utf-8", "surrogateescape")
         return tuple(t for t in (own, presented) if t)
 
@@ -97,7 +101,7 @@ class Authenticator:
                      dashboard: bool = False) -> Principal:
         """`dashboard`: the request is for /ui/api/, where the owner's way in is a session
         (a consumer token still authenticates there, to be refused as `owner_only`)."""
-        expected = self._bootstrap()  # read first: broker_tokens() relies on it being current
+        expected = self._token
         if presented is None:
             if via == "unix" and not dashboard:  # the socket's 0600 mode in a 0700 directory
                 return Principal("owner", via)

@@ -199,7 +199,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                  else (reservation.estimate if ex["status"] else 0))
         spending.usage.record(consumer, provider.name, ex["model"], m.route.path, utc_day(), usage,
                            failed)
-        audit.record_safely(
+        audit.record_later(
             "proxy.request", consumer=consumer, purpose=m.route.purpose, provider=provider.name,
             route=m.route.path, duration_ms=round((time.perf_counter() - started) * 1000, 2),
             input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, **ex)

@@ -57,11 +57,36 @@ class AuditRecorder:
         self.broken = False
         self.throttle = FailureThrottle()
         self.refusals = RefusalTally()
+        self._later: list[tuple[str, dict[str, Any]]] = []
 
     def record(self, event: str, **fields: Any) -> None:
-        """Append to the audit log; a failure marks it broken so requests are refused."""
+        """Append to the audit log; a failure marks it broken so requests are refused.
+        Records queued by `record_later` go first: the chain keeps the order of the calls."""
+        self._later.append((event, fields))
+        self._write()
+
+    def record_later(self, event: str, **fields: Any) -> None:
+        """For a finished request: queued, and written with the others finished in the same
+        turn of the event loop, under one lock and in one write; a failure is logged."""
+        self._later.append((event, fields))
+        if len(self._later) == 1:
+            asyncio.get_running_loop().call_soon(self.write_queued)
+
+    def write_queued(self) -> None:
+        """Write what `record_later` queued (at the latest, at shutdown)."""
+        if not self._later:
+            return
+        events = [event for event, _fields in self._later]
         try:
-            self._log.append(event, self._actor, **fields)
+            self._write()
+        except AuditUnavailable as exc:
+            log.error("audit.failed", audit_event=",".join(sorted(set(events))),
+                      count=len(events), error=exc.message)
+
+    def _write(self) -> None:
+        events, self._later = self._later, []
+        try:
+            self._log.append_many(events, self._actor)
         except AuditUnavailable:
             self.broken = True
             raise
@@ -149,6 +174,7 @@ class SecretsCache:
                 self._values.pop(ref, None)
                 self._access.secret_changed(ref, None if new is None else new[0])
         self._secrets = fresh
+        self._auth.reread()  # `token rotate` moved the generation
         self._auth.consumer_tokens = {
             t.hash: ConsumerToken(t.id, t.consumer, parse_rfc3339(t.expires_at),
                                   t.revoked_at is not None, t.daily_tokens)

@@ -34,6 +34,7 @@ class Tokens:
         with self.ctx.writing():
             self.ctx.record("token.rotated")
             write_private(self.ctx.home.token, (new_token() + "\n").encode())
+            self.ctx.metadata.bump_generation()  # a running daemon re-reads the token file
 
     def create(self, consumer: str, ttl: str | None = None, description: str | None = None,
                daily_tokens: int | None = None) -> tuple[TokenMeta, str]:

@@ -292,15 +292,22 @@ class AuditLog:
 
     def append(self, event: str, actor: str, **fields: Any) -> dict[str, Any]:
         """Write one event; raise AuditUnavailable if it cannot be written."""
+        return self.append_many([(event, fields)], actor)[-1]
+
+    def append_many(self, events: list[tuple[str, dict[str, Any]]], actor: str
+                    ) -> list[dict[str, Any]]:
+        """Write events in order under one lock and in one write (the daemon's batch of
+        after-the-fact records); all of them or, on failure, none (AuditUnavailable)."""
         try:
             with self._lock:
-                return self._append(event, actor, fields)
+                return self._append(events, actor)
         except OSError as exc:
             raise AuditUnavailable(
                 f"cannot write the audit log {self._path}: {exc.strerror}; the action was refused"
             ) from None
 
-    def _append(self, event: str, actor: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _append(self, events: list[tuple[str, dict[str, Any]]], actor: str
+                ) -> list[dict[str, Any]]:
         fd = self._open()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -308,9 +315,15 @@ class AuditLog:
             if size != self._end:  # another process appended since our last write
                 self._resync(fd, size)
             ts = rfc3339()
-            line = seal(self._key, seq=self._seq + 1, prev=self._prev, ts=ts, event=event,
-                        actor=actor, fields=fields)
-            data = line + b"\n"
+            seq, prev, lines, written_events = self._seq, self._prev, [], []
+            for event, fields in events:
+                seq += 1
+                line = seal(self._key, seq=seq, prev=prev, ts=ts, event=event, actor=actor,
+                            fields=fields)
+                prev = line_hash(line)
+                lines.append(line)
+                written_events.append({"seq": seq, "ts": ts, "event": event})
+            data = b"\n".join(lines) + b"\n"
             try:
                 written = os.write(fd, data)
                 if written != len(data):
@@ -320,17 +333,15 @@ class AuditLog:
             except OSError:
                 os.ftruncate(fd, size)  # never leave half a line behind
                 raise
-            self._end = size + len(data)
-            self._seq += 1
-            self._prev = line_hash(line)
-            mac = line[-66:-2].decode()
+            self._end, self._seq, self._prev = size + len(data), seq, prev
+            mac = lines[-1][-66:-2].decode()
             if self._always:
                 self._checkpoint(self._seq, mac, self._seal_checkpoint)
             else:
                 self._unsynced = (self._seq, mac)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
-        return {"seq": self._seq, "ts": ts, "event": event}
+        return written_events
 
     def _resync(self, fd: int, size: int) -> None:
         last = _last_line(fd, size)

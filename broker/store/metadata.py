@@ -184,6 +184,12 @@ class Metadata:
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)
 
+    def bump_generation(self) -> None:
+        """Tell a running daemon to re-read what it caches (a rotated bootstrap token)."""
+        with self._db:
+            self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                             "WHERE key = 'generation'")
+
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])

@@ -74,6 +74,26 @@ def test_missing_wrong_and_rotated_tokens_are_401_and_audited(granted: Cli,
     assert not scan(granted.home.joinpath("audit.log").read_text(), old, new)
 
 
+def test_a_token_file_replaced_by_hand_is_read_within_a_second(granted: Cli,
+                                                                daemon_factory: Any) -> None:
+    """`token rotate` is noticed at once (metadata.db's generation); a broker.token written
+    by hand (restored from a backup, say) on the next once-a-second check."""
+    d = daemon_factory()
+    old, new = d.token, "sbt_" + "h" * 43
+    path = d.home / "broker.token"
+    path.write_text(new + "\n")
+
+    def refused(token: str) -> bool:
+        try:
+            d.client(token=token).health()
+        except Unauthorized:
+            return True
+        return False
+
+    wait_for(lambda: refused(old), timeout=5, what="the old token to be refused")
+    assert d.client(token=new).health()["status"] == "ok"
+
+
 @pytest.mark.parametrize("headers, code", [
     ({"Host": "evil.example:28443"}, "host_header_refused"),
     ({"Host": "127.0.0.1.nip.io"}, "host_header_refused"),

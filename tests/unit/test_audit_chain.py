@@ -293,3 +293,36 @@ def test_read_events_skips_damaged_lines(tmp_path: Path) -> None:
     path.write_bytes(SAMPLE[0] + b"\n{broken\n" + SAMPLE[1] + b"\n")
     assert [e["seq"] for e in audit.read_events(path)] == [1, 2]
     assert list(audit.read_events(tmp_path / "missing.log")) == []
+
+
+# --- the writer's batch ---------------------------------------------------------------------
+
+
+def test_a_batch_is_one_write_that_chains_like_single_appends(tmp_path: Path) -> None:
+    """append_many seals each event after the one before it, in one write; the result
+    verifies, and a later single append (another writer's, say) continues the chain."""
+    path = tmp_path / "audit.log"
+    checkpoints: list[tuple[int, str]] = []
+    log = audit.AuditLog(path, KEY, lambda seq, mac, _seal: checkpoints.append((seq, mac)))
+    log.append("broker.started", "broker", pid=1)
+    written = log.append_many([("proxy.request", {"status": 200}),
+                               ("proxy.request", {"status": 502})], "broker")
+    assert [w["seq"] for w in written] == [2, 3]
+    other = audit.AuditLog(path, KEY, lambda *_: None)
+    other.append("secret.added", "cli", secret_ref="a")
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == [
+        "broker.started", "proxy.request", "proxy.request", "secret.added"]
+    assert checkpoints[-1] == (3, json.loads(lines[2])["mac"])
+    assert audit.verify(lines[:3], KEY, sealed(*checkpoints[-1])).ok
+
+
+def test_a_batch_with_a_bad_event_writes_none_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = audit.AuditLog(path, KEY, lambda *_: None)
+    log.append("broker.started", "broker")
+    with pytest.raises(ValueError, match="not allowed"):
+        log.append_many([("proxy.request", {"status": 200}), ("x", {"body": "canary"})],
+                        "broker")
+    assert len(path.read_bytes().splitlines()) == 1
+    assert log.append("broker.stopped", "broker")["seq"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ class Config:
     backend: str = "keychain"
     listen: str = DEFAULT_LISTEN
     default_consumer: str = "default"
+    workers: int | str = 1  # worker processes: a number, or "auto" (one per core)
     max_body_bytes: int = 32 * 1024 * 1024
     connect_timeout_secs: float = 10
     read_timeout_secs: float = 300
@@ -51,6 +53,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "broker": {
         "listen": ((str,), "listen"),
         "default_consumer": ((str,), "default_consumer"),
+        "workers": ((int, str), "workers"),
     },
     "limits": {
         "max_body_bytes": ((int,), "max_body_bytes"),
@@ -92,6 +95,8 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
             if isinstance(value, bool) or not isinstance(value, types):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{source}: [{section}] {key} must be {want}")
+            if name == "workers" and isinstance(value, str) and value != "auto":
+                raise ConfigError(f"{source}: [{section}] {key} must be a number or \"auto\"")
             if name in _CHOICES and value not in _CHOICES[name]:
                 raise ConfigError(
                     f"{source}: [{section}] {key} must be one of {', '.join(_CHOICES[name])}"
@@ -159,6 +164,8 @@ backend = "{backend}"            # "keychain" or "file-vault"; chosen at init
 [broker]
 listen = "{DEFAULT_LISTEN}"      # loopback HTTP; `serve --listen HOST:PORT` overrides
 default_consumer = "default"     # consumer used when a request names none
+workers = 1                      # processes serving requests: a number, or "auto" (one per
+                                 # core); `serve --workers N` overrides
 
 [limits]
 max_body_bytes = 33554432
@@ -175,3 +182,8 @@ fsync = "batch"                  # "always": fsync every event; "batch": at most
 # base_url = "https://api.openai.com"
 # secret_ref = "openai_api_key"
 """
+
+
+def worker_count(value: int | str) -> int:
+    """`workers` as a number: "auto" is one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if value == "auto" else int(value)

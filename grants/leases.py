@@ -85,9 +85,13 @@ class LeaseTable:
             issued_at=now,
             expires_at=now + allow.ttl_secs,
         )
+        self.adopt(lease)
+        return lease
+
+    def adopt(self, lease: Lease) -> None:
+        """File a lease issued elsewhere (another worker), so later requests reuse it."""
         self._by_id[lease.lease_id] = lease
         self._by_key[lease.key] = lease.lease_id
-        return lease
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id while it is live; an expired one is dropped."""
@@ -118,21 +122,16 @@ class LeaseTable:
 
     def revoke_unallowed(self, grants: Sequence[Grant]) -> builtins.list[Lease]:
         """After a reload, end the leases the new grants would deny."""
-
-        def denied(lease: Lease) -> bool:
-            request = AccessRequest(*lease.key)
-            return isinstance(decide(grants, request), Deny)
-
-        return self.revoke_where(denied)
+        return self.revoke_where(unallowed(grants))
 
     def revoke_secret(
         self, secret_ref: str, keep_version: int | None = None
     ) -> builtins.list[Lease]:
         """On rotation or removal, end the secret's leases except those of `keep_version`."""
-        ref = secret_ref.removeprefix("@")
-        return self.revoke_where(
-            lambda lease: lease.secret_ref == ref and lease.secret_version != keep_version
-        )
+        return self.revoke_where(of_secret(secret_ref, keep_version))
+
+    def ids(self) -> builtins.list[str]:
+        return list(self._by_id)
 
     def __len__(self) -> int:
         self._prune()
@@ -148,3 +147,14 @@ class LeaseTable:
         # A newer lease may have taken the key; leave its index entry alone.
         if self._by_key.get(lease.key) == lease.lease_id:
             del self._by_key[lease.key]
+
+
+def unallowed(grants: Sequence[Grant]) -> Callable[[Lease], bool]:
+    """Selects the leases that `grants` would deny (after a reload)."""
+    return lambda lease: isinstance(decide(grants, AccessRequest(*lease.key)), Deny)
+
+
+def of_secret(secret_ref: str, keep_version: int | None = None) -> Callable[[Lease], bool]:
+    """Selects a secret's leases, except those of `keep_version` (after a rotation)."""
+    ref = secret_ref.removeprefix("@")
+    return lambda lease: lease.secret_ref == ref and lease.secret_version != keep_version

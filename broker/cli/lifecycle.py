@@ -135,7 +135,9 @@ def status(home: Home, *, as_json: bool) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     grants = doc["grants"]
-    print(f"running: pid {doc['pid']}, version {doc['version']}, up {doc['uptime_secs']} s"
+    several = doc.get("workers", 1) > 1
+    print(f"running: pid {doc['pid']}" + (f", {doc['workers']} workers" if several else "")
+          + f", version {doc['version']}, up {doc['uptime_secs']} s"
           + (f", under {doc['service_manager']}" if doc.get("service_manager") else ""))
     print(f"listen:  {doc['listen']} (token) and {doc['socket']}")
     print(f"store:   {doc['backend']}")
@@ -143,6 +145,7 @@ def status(home: Home, *, as_json: bool) -> int:
           f"{grants['count']} grant(s), loaded {grants['loaded_at']}"
           + (f"\n         {grants['error']}" if grants.get("error") else ""))
     print(f"leases:  {doc['leases']['active']} active")
-    print(f"requests: {sum(doc['requests'].values())} "
+    counted = f" (worker {doc['worker_pid']})" if several else ""
+    print(f"requests{counted}: {sum(doc['requests'].values())} "
           + " ".join(f"{k}={v}" for k, v in sorted(doc["requests"].items())))
     return 0

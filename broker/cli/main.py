@@ -345,7 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker.server.app import serve
 
     return serve(Home.from_env(), listen=args.listen, log_format=args.log_format,
-                 allow_remote=args.allow_remote)
+                 allow_remote=args.allow_remote, workers=args.workers)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -644,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: console on a terminal, else json")
     sp.add_argument("--allow-remote", action="store_true",
                     help="permit a non-loopback --listen address (not recommended)")
+    sp.add_argument("--workers", type=_workers, metavar="N|auto",
+                    help="processes serving requests (default from config.toml: 1)")
 
     sp = command("start", cmd_start, "start the broker in the background and wait for it")
     sp.add_argument("--listen", help="HOST:PORT for loopback HTTP (default from config.toml)")
@@ -716,6 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("completions", cmd_completions, "print a shell completion script")
     sp.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     return p
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("use a number of at least 1, or auto")
+    return int(text)
 
 
 class _Printable:

@@ -19,6 +19,7 @@ import structlog
 
 from broker.core.errors import Denied
 from broker.core.home import file_signature
+from broker.server.shared import Ledger
 from grants import (
     AccessRequest,
     Decision,
@@ -29,6 +30,7 @@ from grants import (
     decide,
     load_grants,
 )
+from grants.leases import of_secret, unallowed
 from grants.model import Grant
 
 log = structlog.get_logger("broker.server.access")
@@ -49,6 +51,7 @@ class Access:
         self._path = grants_path
         self._record = record
         self.table = LeaseTable(clock)
+        self.ledger: Ledger | None = None  # with several workers: their leases, shared
         self.state = GrantsState((), False, "not loaded yet", 0.0)
         self._signature: tuple[int, int, int] | None = None
 
@@ -61,13 +64,13 @@ class Access:
             grants = load_grants(self._path)
         except GrantsError as exc:
             self.state = GrantsState((), False, str(exc), time.time())
-            revoked = self.table.revoke_where(lambda _lease: True)
+            revoked = self._revoke_where(lambda _lease: True)
             log.error("grants.invalid", file=str(self._path), error=str(exc), why=why)
             self._safe_record("grants.invalid", reason=f"{exc}"[:2000], count=len(revoked))
             self._record_revoked(revoked, "grants file invalid")
             return
         self.state = GrantsState(grants, True, None, time.time())
-        revoked = self.table.revoke_unallowed(grants)
+        revoked = self._revoke_where(unallowed(grants))
         log.info("grants.reloaded", file=str(self._path), count=len(grants), why=why)
         self._safe_record("grants.reloaded", count=len(grants), reason=why)
         self._record_revoked(revoked, "grant removed")
@@ -85,7 +88,20 @@ class Access:
         except Exception as exc:
             log.error("audit.failed", audit_event=event, error=type(exc).__name__)
 
+    def _revoke_where(self, pred: Callable[[Lease], bool]) -> list[Lease]:
+        """End the leases `pred` selects: this worker's, and (with several workers) the
+        others' too, so a listing through any worker is right at once."""
+        revoked = self.table.revoke_where(pred)
+        if self.ledger is not None:
+            ours = {lease.lease_id for lease in revoked}
+            revoked += [lease for lease in self.ledger.live()
+                        if pred(lease) and lease.lease_id not in ours]
+        return revoked
+
     def _record_revoked(self, leases: list[Lease], reason: str) -> None:
+        if self.ledger is not None:  # each revocation is audited once, by one worker
+            live = self.ledger.revoke(lease.lease_id for lease in leases)
+            leases = [lease for lease in leases if lease.lease_id in live]
         for lease in leases:
             self._safe_record("lease.revoked", lease_id=lease.lease_id, consumer=lease.consumer,
                               secret_ref=lease.secret_ref, reason=reason)
@@ -106,6 +122,9 @@ class Access:
     def acquire(self, request: AccessRequest, secret_version: int, **audit: Any) -> Lease:
         """An active lease for this request, or a new one if a grant allows it."""
         self.reload_if_changed()  # before reusing a lease: its grant may just have gone
+        if self.ledger is not None:  # another worker may have revoked one of ours
+            for lease_id in self.ledger.revoked_since_last_look(self.table.ids()):
+                self.table.revoke(lease_id)
         ref = request.secret_ref.lstrip("@")
         key = (request.consumer, ref, request.purpose, request.delivery, request.host)
         lease = self.table.active(key)
@@ -119,26 +138,42 @@ class Access:
             raise Denied(f"{decision.reason}; grants are in {self._path}, and "
                          f"`{_explain_command(request)}` shows what a grant needs")
         lease = self.table.issue(request, decision, secret_version)
+        if self.ledger is not None:
+            filed = self.ledger.claim(lease)
+            if filed is not lease:  # another worker's, issued a moment ago: reuse it
+                self.table.revoke(lease.lease_id)
+                self.table.adopt(filed)
+                return filed
         try:
             self._record("lease.issued", lease_id=lease.lease_id, **fields)
         except Exception:
             self.table.revoke(lease.lease_id)
+            if self.ledger is not None:
+                self.ledger.revoke([lease.lease_id])
             raise
         return lease
 
+    def leases(self) -> list[Lease]:
+        """Live leases, oldest first: every worker's."""
+        return self.table.list() if self.ledger is None else self.ledger.live()
+
+    def lease(self, lease_id: str) -> Lease | None:
+        return self.table.get(lease_id) if self.ledger is None else self.ledger.get(lease_id)
+
     def revoke(self, lease_id: str, reason: str) -> Lease | None:
-        lease = self.table.revoke(lease_id)
+        lease = self.lease(lease_id)
         if lease is not None:
+            self.table.revoke(lease_id)
             self._record_revoked([lease], reason)
         return lease
 
     def consumer_ended(self, consumer: str, reason: str) -> None:
-        self._record_revoked(self.table.revoke_where(lambda lease: lease.consumer == consumer),
+        self._record_revoked(self._revoke_where(lambda lease: lease.consumer == consumer),
                              reason)
 
     def secret_changed(self, ref: str, version: int | None) -> None:
         """A rotation (keep `version`'s leases) or a removal (version None) ends old leases."""
-        revoked = self.table.revoke_secret(ref, keep_version=version)
+        revoked = self._revoke_where(of_secret(ref, keep_version=version))
         self._record_revoked(revoked, "secret rotated" if version else "secret removed")
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ import structlog
 from aiohttp import web
 
 from broker import __version__
-from broker.config import load_config
+from broker.config import Config, load_config, worker_count
 from broker.core import logs, netowner
+from broker.core.clock import utc_day
 from broker.core.errors import BrokerError, InsecureFile, UsageError
 from broker.core.home import Home, check_private, open_private, private_dir
 from broker.core.loopback import is_loopback_host
@@ -44,6 +46,7 @@ from broker.server.middlewares import (
     guard_middleware,
     secure_headers,
 )
+from broker.server.shared import Ledger, SharedBudgets, WorkersDB
 from broker.server.state import (
     ACCESS,
     ADMIN,
@@ -69,15 +72,19 @@ log = structlog.get_logger("broker")
 
 
 def create_app(service: Context, config: LiveConfig, audit: AuditRecorder,
-               listen: str) -> web.Application:
-    """The application with its state set under its keys and every route mounted."""
+               listen: str, shared: WorkersDB | None = None, workers: int = 1
+               ) -> web.Application:
+    """The application with its state set under its keys and every route mounted;
+    `shared`: the state one worker of several shares with the others."""
     app = web.Application(
         middlewares=[errors_middleware, guard_middleware, auth_middleware],
         client_max_size=config.config.max_body_bytes,
     )
     access = Access(service.home.grants, audit.record)
     auth = Authenticator(service.home.token)
-    logins = app[ui.LOGINS] = ui.Logins()
+    logins = app[ui.LOGINS] = ui.Logins() if shared is None else ui.SharedLogins(shared)
+    if shared is not None:
+        access.ledger = Ledger(shared)
     auth.sessions = logins  # a session token works on the dashboard's API only
     app[SERVICE] = service
     app[ADMIN] = service.as_actor("admin")
@@ -89,8 +96,8 @@ def create_app(service: Context, config: LiveConfig, audit: AuditRecorder,
                                      audit.record_safely)
     teams.configure(config.config.teams)
     app[SECRETS] = SecretsCache(service, access, auth, teams)
-    app[SPENDING] = Spending(service.metadata)
-    app[SERVER] = ServerInfo(listen)
+    app[SPENDING] = Spending(service.metadata, None if shared is None else SharedBudgets(shared))
+    app[SERVER] = ServerInfo(listen, workers)
 
     r = app.router
     r.add_get("/v1/health", v1.health)
@@ -210,7 +217,8 @@ def _take_pid_lock(home: Home) -> int:
 
 
 def serve(home: Home, *, listen: str | None = None, log_format: str | None = None,
-          allow_remote: bool = False, environ: dict[str, str] | None = None) -> int:
+          allow_remote: bool = False, environ: dict[str, str] | None = None,
+          workers: int | str | None = None) -> int:
     """Run in the foreground until SIGTERM/SIGINT; exit 0 after a graceful stop."""
     logs.configure(log_format)
     hardening.apply()
@@ -218,6 +226,9 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
     for path in (home.root, home.token, home.audit, home.vault, home.vault_key):
         check_private(path)
     config = load_config(home)
+    count = worker_count(config.workers if workers is None else workers)
+    if count < 1:
+        raise UsageError("--workers: use a number of at least 1, or auto")
     service = Context.open(home, environ, actor="broker", audit_fsync=config.audit_fsync)
     host, port = parse_listen(listen or config.listen, allow_remote)
     pid_fd = _take_pid_lock(home)
@@ -228,17 +239,91 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
         except BrokerError as exc:
             raise type(exc)(f"cannot start: {exc.message}") from None
         hardening.forget_passphrase()
-        audit = AuditRecorder(service)
-        live = LiveConfig(home, config, audit)
         tcp = _bind_tcp(host, port)
         unix = _bind_unix(home.socket)
         bound = home.socket.lstat()
-        app = create_app(service, live, audit, "{}:{}".format(*tcp.getsockname()[:2]))
-        return _run(app, [unix, tcp])
+        socks, where = [unix, tcp], "{}:{}".format(*tcp.getsockname()[:2])
+        if count == 1:
+            return _run(_worker_app(service, config, where), socks)
+        spend = service.metadata.token_spend(utc_day())
+        service.session.close_metadata()  # no SQLite connection may cross the fork
+        shared = home.run / "workers.db"
+        WorkersDB.create(shared, spend)
+        try:
+            return _supervise(count, lambda: _run(_worker_app(
+                Context(service.session.for_worker(), service.actor), config, where,
+                WorkersDB(shared), count), socks))
+        finally:
+            WorkersDB.remove(shared)
     finally:
         if bound is not None:
             _remove_own_socket(home.socket, bound)
         os.close(pid_fd)
+
+
+def _worker_app(service: Context, config: Config, listen: str,
+                shared: WorkersDB | None = None, workers: int = 1) -> web.Application:
+    audit = AuditRecorder(service)
+    return create_app(service, LiveConfig(service.home, config, audit), audit, listen,
+                      shared, workers)
+
+
+def _supervise(count: int, work: Callable[[], int]) -> int:
+    """Fork `count` workers that serve the sockets bound here, pass SIGTERM, SIGINT and
+    SIGHUP on to them, and fork a new one for one that dies; return when all have stopped.
+    A fifth death within 10 s stops the broker: a worker that cannot run would loop."""
+    stopping = False
+    children: set[int] = set()
+    deaths: list[float] = []
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            code = 1
+            try:
+                code = work()
+            except BaseException as exc:  # the type only: no value in a log
+                log.error("worker.failed", error=type(exc).__name__)
+            finally:
+                os._exit(code)  # never the supervisor's cleanup: its files are not ours
+        children.add(pid)
+        if stopping:  # a stop signal came between the fork and the line above
+            os.kill(pid, signal.SIGTERM)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for _ in range(count):
+        spawn()
+    log.info("broker.workers", count=count, pids=sorted(children))
+    code = 0
+    while children:
+        pid, status = os.wait()
+        if pid not in children:
+            continue
+        children.remove(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            code = code or (exit_code if exit_code > 0 else 0)
+            continue
+        log.error("worker.died", pid=pid, exit=exit_code)
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < 10.0] + [now]
+        if len(deaths) >= 5:
+            log.error("broker.stopping", reason="workers keep dying; see the log above")
+            code = 1
+            forward(signal.SIGTERM, None)
+        else:
+            spawn()
+    return code
 
 
 def _remove_own_socket(path: Path, bound: os.stat_result) -> None:

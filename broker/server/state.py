@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -39,6 +40,7 @@ from broker.server.auth import (
     Principal,
     RefusalTally,
 )
+from broker.server.shared import SharedBudgets
 from broker.server.teams import ServedTeams
 from broker.service.context import Context
 from broker.service.secrets import Secrets
@@ -261,10 +263,14 @@ class SecretsCache:
 class Spending:
     """Token usage as it happens, and the consumer tokens' daily budgets."""
 
-    def __init__(self, metadata: Metadata) -> None:
+    def __init__(self, metadata: Metadata, shared: SharedBudgets | None = None) -> None:
         self.usage = UsageBook()
-        self.budgets = Budgets()
-        self.budgets.used = metadata.token_spend(utc_day())
+        self.budgets: Budgets | SharedBudgets
+        if shared is not None:  # several workers: the supervisor seeded today's spend
+            self.budgets = shared
+        else:
+            self.budgets = Budgets()
+            self.budgets.used = metadata.token_spend(utc_day())
 
     def reserve_budget(self, principal: Principal, estimate: int) -> Reservation | None:
         """Hold `estimate` tokens of a consumer token's daily budget, or 429."""
@@ -288,7 +294,7 @@ class Spending:
 
 # What a running daemon cannot take from an edited config.toml: the sockets are bound, the
 # store is open, the audit log and the upstream session are set up. A restart applies them.
-RESTART_ONLY = ("backend", "listen", "audit_fsync", "connect_timeout_secs",
+RESTART_ONLY = ("backend", "listen", "workers", "audit_fsync", "connect_timeout_secs",
                 "read_timeout_secs", "header_timeout_secs")
 
 
@@ -338,8 +344,10 @@ class LiveConfig:
 class ServerInfo:
     """Where the daemon listens, since when, and how its requests ended."""
 
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, workers: int = 1) -> None:
         self.listen = listen
+        self.workers = workers  # processes serving, this one among them
+        self.pid = os.getpid() if workers == 1 else os.getppid()  # the pid file's: the supervisor
         self.started = time.time()
         self.requests: Counter[str] = Counter()
 

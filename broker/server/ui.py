@@ -3,7 +3,8 @@
 - The page is static (`broker/ui/`): it holds no data, so loading it needs no token.
 - `secret-broker ui` asks the daemon over the Unix socket for a one-time login code
   (`POST /v1/admin/ui/code`, owner only); the page trades it at `POST /ui/api/session`
-  for a session token (`sbs_…`). Codes and sessions live in this process only, as SHA-256.
+  for a session token (`sbs_…`). Codes and sessions are kept as SHA-256, in this
+  process (or, with several workers, in run/workers.db).
 - `/ui/api/…` are the admin routes of §11 and the lease routes, mounted again; there only
   a session token works, and a session token works nowhere else (`Authenticator`).
 - The guard every `/ui/` request passes before authentication, and the headers every
@@ -32,6 +33,7 @@ from broker.core.loopback import LOOPBACK_NAMES
 from broker.server.auth import presented_token
 from broker.server.inputs import json_body
 from broker.server.middlewares import PREFIX
+from broker.server.shared import WorkersDB
 from broker.server.state import AUDIT, SERVER
 from broker.service.tokens import new_token
 
@@ -110,6 +112,46 @@ class Logins:
         now = self._clock()
         self._codes = {h: t for h, t in self._codes.items() if now < t}
         self._sessions = {h: s for h, s in self._sessions.items() if now < self._expiry(s)}
+
+
+class SharedLogins(Logins):
+    """`Logins` for several workers, in run/workers.db: a code minted by one worker is
+    redeemed at another, once, and a session works on all of them."""
+
+    def __init__(self, db: WorkersDB, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self._db = db
+
+    def mint_code(self) -> tuple[str, float]:
+        code, now = new_token(""), self._clock()
+        with self._db.transaction() as c:
+            c.execute("DELETE FROM codes WHERE expires_at <= ?", (now,))
+            c.execute("INSERT INTO codes VALUES (?, ?)", (token_hash(code), now + self.CODE_TTL))
+        return code, now + self.CODE_TTL
+
+    def redeem(self, code: str) -> tuple[str, float]:
+        token, now = new_token(SESSION_PREFIX), self._clock()
+        with self._db.transaction() as c:
+            if not c.execute("DELETE FROM codes WHERE digest = ? AND expires_at > ?",
+                             (token_hash(code), now)).rowcount:
+                raise Unauthorized("unknown, used or expired login code: run `secret-broker "
+                                   "ui` for a new one")
+            c.execute("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash(token), now, now))
+        return token, self._expiry(_Session(now, now))
+
+    def touch(self, digest: str) -> bool:
+        now = self._clock()
+        with self._db.transaction() as c:
+            live = c.execute("UPDATE sessions SET last_used = ? WHERE digest = ? AND "
+                             "last_used + ? > ? AND started + ? > ?",
+                             (now, digest, self.IDLE, now, self.LIFETIME, now)).rowcount
+            if not live:
+                c.execute("DELETE FROM sessions WHERE digest = ?", (digest,))
+        return bool(live)
+
+    def end(self, token: str) -> None:
+        with self._db.transaction() as c:
+            c.execute("DELETE FROM sessions WHERE digest = ?", (token_hash(token),))
 
 
 # --- handlers -------------------------------------------------------------------------------

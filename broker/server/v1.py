@@ -50,7 +50,7 @@ async def status(request: web.Request) -> web.Response:
     server, access = request.app[SERVER], request.app[ACCESS]
     principal: Principal = request["principal"]
     if principal.consumer is not None:
-        own = [lease for lease in access.table.list() if lease.consumer == principal.consumer]
+        own = [lease for lease in access.leases() if lease.consumer == principal.consumer]
         return web.json_response({
             "status": "ok", "version": __version__,
             "uptime_secs": round(time.time() - server.started, 1),
@@ -60,7 +60,9 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok",
         "version": __version__,
-        "pid": os.getpid(),
+        "pid": server.pid,
+        "workers": server.workers,
+        "worker_pid": os.getpid(),  # the one that answered
         "uptime_secs": round(time.time() - server.started, 1),
         "backend": service.backend,
         "listen": server.listen,
@@ -69,7 +71,7 @@ async def status(request: web.Request) -> web.Response:
         "config": request.app[CONFIG].as_json(),
         "grants": {"valid": grants.valid, "count": len(grants.grants), "error": grants.error,
                    "loaded_at": rfc3339(grants.loaded_at)},
-        "leases": {"active": len(access.table)},
+        "leases": {"active": len(access.leases())},
         "requests": dict(server.requests),
         "teams": request.app[TEAMS].as_json(),
     })
@@ -104,7 +106,7 @@ async def create_lease(request: web.Request) -> web.Response:
 
 async def list_leases(request: web.Request) -> web.Response:
     principal: Principal = request["principal"]
-    leases = [lease for lease in request.app[ACCESS].table.list()
+    leases = [lease for lease in request.app[ACCESS].leases()
               if principal.consumer is None or lease.consumer == principal.consumer]
     return web.json_response({"leases": [lease_json(lease) for lease in leases]})
 
@@ -113,7 +115,7 @@ async def revoke_lease(request: web.Request) -> web.Response:
     access = request.app[ACCESS]
     principal: Principal = request["principal"]
     lease_id = request.match_info["lease_id"]
-    lease = access.table.get(lease_id)
+    lease = access.lease(lease_id)
     if lease is None or (principal.consumer is not None and lease.consumer != principal.consumer):
         raise NotFound(f"no active lease {lease_id}", code="lease_not_found")
     access.revoke(lease_id, "revoked by request")

@@ -84,6 +84,20 @@ class HomeSession:
         digest = hmac.new(self.derived_key("fingerprint"), value.encode(), hashlib.sha256)
         return "hmac-sha256:" + digest.hexdigest()[:16]
 
+    def for_worker(self) -> HomeSession:
+        """This session for a forked worker: the same config, unlocked store and keys, but
+        its own SQLite connections and audit writer, which must not cross a fork."""
+        fresh = HomeSession(self.home, self.environ, self._audit_fsync)
+        for name in ("config", "instance_id", "store", "_instance_key"):
+            if name in self.__dict__:
+                fresh.__dict__[name] = self.__dict__[name]
+        return fresh
+
+    def close_metadata(self) -> None:
+        """Close the metadata connection (a supervisor's, before it forks workers)."""
+        if "metadata" in self.__dict__:
+            self.__dict__.pop("metadata").close()
+
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Serialise mutations across processes (version bumps must not race)."""

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/attack_load.py                  # 10,000 requests, concurrency 64
     .venv/bin/python scripts/attack_load.py --requests 2000  # a quicker run
+    .venv/bin/python scripts/attack_load.py --workers 2      # the broker as two processes
 
 Everything runs on 127.0.0.1 and is started (and stopped) here: a file-vault home made with
 `python -m broker init`, stand-ins for the openai and jina APIs (tests/support/standins.py),
@@ -299,6 +300,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="the broker's worker processes")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sb-load-", dir="/tmp"))
@@ -320,7 +322,8 @@ def main() -> int:
         ctx.audit_log.close()
         ctx.metadata.close()
         (home / "config.toml").write_text(
-            '[store]\nbackend = "file-vault"\n[limits]\nmax_body_bytes = 1048576\n'
+            f'[store]\nbackend = "file-vault"\n[broker]\nworkers = {args.workers}\n'
+            '[limits]\nmax_body_bytes = 1048576\n'
             'read_timeout_secs = 2\n[audit]\nfsync = "batch"\n'
             f'[providers.openai]\nbase_url = "{openai.base_url}"\n'
             f'[providers.jina]\nbase_url = "{jina.base_url}/_status/503"\n'

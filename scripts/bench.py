@@ -1,7 +1,7 @@
-"""Benchmark: secret-broker beside a direct connection to the same upstream (and nginx).
+"""Benchmark: secret-broker beside a direct connection to the same upstream (nginx, bare aiohttp).
 
-    .venv/bin/python scripts/bench.py             # full run (~4 min), writes docs/benchmarks.md
-    .venv/bin/python scripts/bench.py --quick     # the same phases, shorter (~1.5 min)
+    .venv/bin/python scripts/bench.py             # full run (~5 min), writes docs/benchmarks.md
+    .venv/bin/python scripts/bench.py --quick     # the same phases, shorter (~2 min)
     .venv/bin/python scripts/bench.py --no-docs   # print the table only
 
 What runs, all on 127.0.0.1 and all started (and stopped) by this script:
@@ -13,9 +13,12 @@ What runs, all on 127.0.0.1 and all started (and stopped) by this script:
   `python -m broker serve --log-format json` (every request: token, grants/lease, key swap,
   hash-chained audit line, JSON log line);
 - nginx as a plain reverse proxy that also swaps the key, where `nginx` is installed (the
-  column is left out otherwise), one worker process like the broker's one event loop.
+  column is left out otherwise), one worker process like the broker's one event loop;
+- "bare": scripts/bench_bare_proxy.py, the simplest streaming aiohttp proxy on uvloop (one
+  pooled ClientSession, the key swap, no policy, audit or logging): what the framework alone
+  costs, so the broker's own work is the difference between it and bare.
 
-Each phase measures the three side by side, in the same run:
+Each phase measures them side by side (direct, nginx, bare, broker), in the same run:
 
 1. non-streaming POST (~1 KB JSON answer, embeddings-sized): latency at concurrency 1 and
    throughput at concurrency 32, with wrk (a Lua script sets the body and Authorization);
@@ -24,6 +27,10 @@ Each phase measures the three side by side, in the same run:
    same clock, subtracts), with the Python load generator below (wrk cannot see chunks);
 3. 1,000 streams open at once: errors, the broker's RSS (VmRSS, sampled every 100 ms);
 4. idle RSS, and CPU time per 1,000 requests (utime+stime from /proc/<pid>/stat).
+
+With --workers 1,2 (say): for each N, the broker restarted with `serve --workers N` and
+the bare proxy with `--processes N`, POST throughput at concurrency 32 and 64 (the workers
+sweep: how far more processes scale each).
 
 Unless --no-profile: strace -c (if installed) counts each proxy's syscalls per POST, and
 py-spy (if installed) samples the broker under the POST load and under many streams; the
@@ -66,6 +73,9 @@ DOCS = ROOT / "docs"
 SRC = ROOT  # the tree whose broker/ and grants/ run (--src: e.g. a patched copy, for A/B)
 PHASES = ("post", "streams", "open", "profile")
 UPSTREAM_SCRIPT = Path(__file__).resolve().parent / "bench_upstream.py"
+BARE_SCRIPT = Path(__file__).resolve().parent / "bench_bare_proxy.py"
+PATHS = ("direct", "nginx", "bare", "broker")  # the column order wherever they appear
+SWEEP_CONNS = (32, 64)  # the workers sweep's concurrencies; its verdict uses the last
 CLK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 REAL_KEY = "sk-bench-" + os.urandom(12).hex()  # a stand-in key; the upstream insists on it
@@ -82,6 +92,13 @@ TARGETS = {
     "chunk_added_p99_ms": 1.0,
     "open_streams_rss_mb": 150.0,
     "idle_rss_mb": 60.0,
+    # Relative to the other paths of the same run, so that a slower machine moves both sides.
+    "rps_c32_vs_bare": 1.0,  # broker req/s ÷ bare req/s at c=32
+    "p50_c1_minus_bare_ms": 0.05,  # (broker - direct) - (bare - direct) at c=1, p50
+    "open_chunk_added_vs_nginx": 2.0,  # open streams: chunk p99 over direct, broker ÷ nginx
+    "ttfb_added_p99_ms": 2.0,  # time to first event, p99, broker - direct
+    "workers_2_x": 1.6,  # broker req/s with --workers 2 ÷ --workers 1
+    "workers_8_x": 6.0,  # the same for 8 (the issue's target, on a 16-core machine)
 }
 ANALYSIS_BEGIN = "<!-- analysis:begin (hand-written; kept when the script rewrites the file) -->"
 ANALYSIS_END = "<!-- analysis:end -->"
@@ -300,8 +317,15 @@ def setup_broker_home(tmp: Path, upstream_port: int) -> tuple[Path, dict[str, st
     return home, env
 
 
-def start_broker(tmp: Path, home: Path, env: dict[str, str],
-                 nofile: int | None = None) -> tuple[Child, int, str]:
+def broker_has_workers_flag(env: dict[str, str]) -> bool:
+    """Whether this tree's `serve` takes --workers (older brokers are one process)."""
+    return "--workers" in cli(env, "serve", "--help")
+
+
+def start_broker(tmp: Path, home: Path, env: dict[str, str], nofile: int | None = None,
+                 workers: int | None = None) -> tuple[Child, int, str]:
+    """`serve` on a free port; `--workers N` only when asked, so that a broker without the
+    flag still runs."""
     port = free_port()
     out = (tmp / "broker.log").open("ab")
 
@@ -310,10 +334,12 @@ def start_broker(tmp: Path, home: Path, env: dict[str, str],
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
+    argv = [sys.executable, "-m", "broker", "serve", "--listen", f"{HOST}:{port}",
+            "--log-format", "json"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     popen = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--listen", f"{HOST}:{port}",
-         "--log-format", "json"],
-        stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=SRC,
+        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=SRC,
         preexec_fn=limit if nofile else None)
     child = Child("broker", popen)
     token = ""
@@ -381,14 +407,38 @@ def start_nginx(binary: str, tmp: Path, upstream_port: int) -> tuple[Child, int]
     popen = subprocess.Popen([binary, "-p", str(tmp), "-c", str(conf)], stdout=out,
                              stderr=out, stdin=subprocess.DEVNULL)
     child = Child("nginx", popen)
-
-    def answers() -> bool:
-        status, _ = http_call(port, "POST", "/proxy/openai/v1/embeddings",
-                              {"Content-Type": "application/json"}, EMBED_BODY)
-        return status == 200
-
-    wait_until("nginx to answer", answers, child, timeout=15)
+    wait_until("nginx to answer", lambda: answers_post(port), child, timeout=15)
     return child, port
+
+
+def answers_post(port: int) -> bool:
+    """A key-swapping proxy (nginx, bare) passes an embeddings POST through."""
+    status, _ = http_call(port, "POST", "/proxy/openai/v1/embeddings",
+                          {"Content-Type": "application/json"}, EMBED_BODY)
+    return status == 200
+
+
+def start_bare(tmp: Path, upstream_port: int, processes: int = 1) -> tuple[Child, int]:
+    """scripts/bench_bare_proxy.py, given the key in its environment (not on its command
+    line); returns once all its processes are forked and one answers."""
+    port = free_port()
+    env = dict(os.environ, BENCH_UPSTREAM_KEY=REAL_KEY)
+    out = (tmp / "bare.log").open("ab")
+    popen = subprocess.Popen([sys.executable, str(BARE_SCRIPT), "--port", str(port),
+                              "--upstream-port", str(upstream_port),
+                              "--processes", str(processes)],
+                             stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
+    child = Child("bare", popen)
+    wait_until("the bare aiohttp proxy to answer", lambda: answers_post(port), child, timeout=15)
+    if processes > 1:
+        wait_until(f"the bare proxy's {processes} processes",
+                   lambda: len(children_of(child.pid)) >= processes, child, timeout=10)
+    return child, port
+
+
+def process_tree(pid: int) -> list[int]:
+    """A proxy's processes: the parent and its workers (nginx, --workers, --processes)."""
+    return [pid, *children_of(pid)]
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -445,8 +495,9 @@ def write_lua(tmp: Path, target: Target) -> Path:
     return path
 
 
-def run_wrk(wrk: str, target: Target, lua: Path, conns: int, seconds: float) -> dict[str, Any]:
-    argv = [wrk, "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+def run_wrk(wrk: str, target: Target, lua: Path, conns: int, seconds: float,
+            threads: int = 1) -> dict[str, Any]:
+    argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
             "-s", str(lua), target.url("/v1/embeddings")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
                           check=False)
@@ -601,7 +652,7 @@ async def connect(port: int) -> SSEConn:
 def summarize_streams(results: list[StreamResult], chunks: int) -> dict[str, Any]:
     delays = sorted(d / 1e6 for r in results for d in r.delays_ns)
     ttfb = sorted(r.ttfb_ns / 1e6 for r in results if r.events)
-    errors = Counter()
+    errors: Counter[str] = Counter()
     for r in results:
         if r.error is not None:
             errors[r.error.split(":")[0]] += 1
@@ -734,7 +785,7 @@ COMPONENTS = (
      r"^StreamResponse\.(write|write_eof) "),
     ("usage tap: json.loads of the whole answer", r"^usage_from_body "),
     ("secret version check (SQLite PRAGMA data_version)", r"^BrokerState\.secret_version "),
-    ("token check (stat broker.token + compare)", r"^Authenticator\.authenticate "),
+    ("token check (compare, consumer-token lookup)", r"^Authenticator\.authenticate "),
     ("route match (normalise + regex)", r"^match \(broker/routes"),
     ("upstream header filtering", r"^upstream_headers "),
     ("lease lookup", r"^Access\.acquire "),
@@ -784,7 +835,7 @@ def parse_profile(path: Path) -> dict[str, Any]:
 
 # --- the chart --------------------------------------------------------------------------------
 
-COLORS = {"direct": "#1f77b4", "nginx": "#2ca02c", "broker": "#d62728"}
+COLORS = {"direct": "#1f77b4", "nginx": "#2ca02c", "bare": "#ff7f0e", "broker": "#d62728"}
 
 
 def _x(p: float) -> float:
@@ -879,6 +930,7 @@ class Options:
     src: Path
     broker_nofile: int | None
     nice: int
+    workers: tuple[int, ...] = ()  # --workers: the sweep's N values (none: no sweep)
 
 
 def machine_info() -> dict[str, str]:
@@ -974,6 +1026,13 @@ def run(opts: Options) -> dict[str, Any]:
         children.append(upstream)
         log(f"upstream on :{up_port} (pid {upstream.pid}); setting up the broker home")
         home, env = setup_broker_home(tmp, up_port)
+        workers_flag = bool(opts.workers) and broker_has_workers_flag(env)
+        if opts.workers and not workers_flag:
+            if set(opts.workers) != {1}:
+                raise SystemExit(f"--workers {','.join(map(str, opts.workers))}: this broker "
+                                 f"has no --workers flag (`python -m broker serve --help` in "
+                                 f"{SRC} does not list it); only --workers 1 runs without it")
+            log("this broker has no --workers flag: the sweep's N=1 runs it without the flag")
         broker, b_port, token = start_broker(tmp, home, env, opts.broker_nofile)
         children.append(broker)
         targets = [Target("direct", up_port, "", f"Bearer {REAL_KEY}")]
@@ -982,9 +1041,13 @@ def run(opts: Options) -> dict[str, Any]:
             nginx, n_port = start_nginx(nginx_bin, tmp, up_port)
             children.append(nginx)
             targets.append(Target("nginx", n_port, "/proxy/openai", "Bearer sbt_not_checked",
-                                  [nginx.pid, *children_of(nginx.pid)]))
+                                  process_tree(nginx.pid)))
         else:
             log("nginx not found (or --no-nginx): that column is left out")
+        bare, bare_port = start_bare(tmp, up_port)
+        children.append(bare)
+        targets.append(Target("bare", bare_port, "/proxy/openai", "Bearer sbt_not_checked",
+                              [bare.pid]))
         targets.append(Target("broker", b_port, "/proxy/openai", f"Bearer {token}",
                               [broker.pid]))
         log(f"broker on :{b_port} (pid {broker.pid}); paths: {[t.name for t in targets]}")
@@ -1085,6 +1148,11 @@ def run(opts: Options) -> dict[str, Any]:
             results["profile"] = profile_broker(pyspy, wrk, tmp, targets[-1], luas["broker"],
                                                 opts, loop_factory)
 
+        if opts.workers:
+            broker.stop()  # one broker per home at a time (its pid file)
+            results["workers"] = workers_sweep(wrk, tmp, home, env, up_port, children, opts,
+                                               workers_flag)
+
         # The audit trail written under all that load must still verify.
         started = time.perf_counter()
         verdict = cli(env, "audit", "verify", timeout=300).strip()
@@ -1128,6 +1196,65 @@ def profile_broker(pyspy: str, wrk: str, tmp: Path, broker: Target, lua: Path, o
     return out
 
 
+def workers_sweep(wrk: str, tmp: Path, home: Path, env: dict[str, str], up_port: int,
+                  children: list[Child], opts: Options, flag: bool) -> dict[str, Any]:
+    """For each N of --workers: the broker with `--workers N` (without the flag where this
+    broker lacks it: then N is 1) and the bare proxy with `--processes N`, POST throughput
+    at each of SWEEP_CONNS. The direct path at the same load is the ceiling: the upstream is
+    one process, so past it more workers cannot show."""
+    # More than one wrk thread where there are cores for it, so that wrk is not the limit.
+    threads = max(1, min(4, (os.cpu_count() or 1) // 4))
+    out: dict[str, Any] = {"conns": list(SWEEP_CONNS), "wrk_threads": threads,
+                           "flag": flag, "direct": {}, "runs": []}
+
+    def measure(t: Target, lua: Path, conns: int) -> dict[str, Any]:
+        if opts.warmup:
+            run_wrk(wrk, t, lua, conns, opts.warmup, threads)
+        groups = {t.name: process_tree(t.pids[0])} if t.pids else {}
+        with Meter(groups) as m:
+            doc = run_wrk(wrk, t, lua, conns, opts.duration, threads)
+        cpu = sum(m.result["cpu_s"].values())
+        return {"rps": doc["rps"], "p50_ms": lat(doc, 50), "p99_ms": lat(doc, 99),
+                "errors": doc["error_count"], "processes": len(groups.get(t.name, [])),
+                "cpu_ms_per_1000": 1e6 * cpu / max(1, doc["requests"]) if t.pids else None}
+
+    direct = Target("direct", up_port, "", f"Bearer {REAL_KEY}")
+    lua = write_lua(tmp, direct)
+    for conns in SWEEP_CONNS:
+        out["direct"][str(conns)] = measure(direct, lua, conns)
+        log(f"workers sweep, direct c={conns}: {out['direct'][str(conns)]['rps']:.0f} req/s")
+    for n in opts.workers:
+        try:
+            broker, b_port, token = start_broker(tmp, home, env, opts.broker_nofile,
+                                                 n if flag else None)
+        except SystemExit as exc:
+            tail = (tmp / "broker.log").read_text(errors="replace").splitlines()[-6:]
+            raise SystemExit(f"the broker with --workers {n} did not start: {exc}\n"
+                             "broker.log ends:\n" + "\n".join(tail)) from None
+        children.append(broker)
+        bare, bare_port = start_bare(tmp, up_port, n)
+        children.append(bare)
+        try:
+            targets = [Target("bare", bare_port, "/proxy/openai", "Bearer sbt_not_checked",
+                              [bare.pid]),
+                       Target("broker", b_port, "/proxy/openai", f"Bearer {token}",
+                              [broker.pid])]
+            sanity(targets)
+            run: dict[str, Any] = {"n": n}
+            for t in targets:
+                lua = write_lua(tmp, t)
+                run[t.name] = {str(c): measure(t, lua, c) for c in SWEEP_CONNS}
+            out["runs"].append(run)
+            log(f"workers sweep, N={n}: " + ", ".join(
+                f"{name} c={c} {run[name][str(c)]['rps']:.0f} req/s "
+                f"({run[name][str(c)]['processes']} processes)"
+                for name in ("bare", "broker") for c in SWEEP_CONNS))
+        finally:
+            bare.stop()
+            broker.stop()
+    return out
+
+
 def count_syscalls(strace: str, wrk: str, target: Target, pids: list[int], lua: Path,
                    seconds: float) -> dict[str, Any]:
     """strace -c on the process(es) while wrk sends requests at concurrency 1: syscalls per
@@ -1164,21 +1291,33 @@ def _loop_factory() -> Any:
 # --- the report -------------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
+def verdict(ok: bool | None) -> str:
+    """None: the target cannot be judged in this run (the path it compares with is absent)."""
+    return "n/a" if ok is None else "met" if ok else "**missed**"
+
+
+def columns(r: dict[str, Any]) -> list[str]:
+    return [n for n in PATHS if n in r["targets_present"]]
 
 
 def summary_rows(r: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
     names = r["targets_present"]
-    has_nginx = "nginx" in names
+    cols = columns(r)
     rows: list[list[str]] = []
     checks: list[dict[str, Any]] = []
 
     def row(label: str, values: dict[str, float], fmt: str, delta: str, target: str,
             status: str) -> None:
-        cells = [label] + [fmt.format(values[n]) if n in values else "n/a" for n in
-                           (["direct", "nginx", "broker"] if has_nginx else ["direct", "broker"])]
+        cells = [label] + [fmt.format(values[n]) if n in values else "n/a" for n in cols]
         rows.append([*cells, delta, target, status])
+
+    def judged(label: str, what: str, actual: str, target: str, ok: bool | None,
+               by: str = "") -> None:
+        """A target computed from other rows: a row of its own (the figure in the delta
+        column) and a check."""
+        rows.append([label, *["" for _ in cols], actual, target, verdict(ok)])
+        checks.append({"what": what, "target": target, "actual": actual, "ok": ok,
+                       "by": by if ok is False else ""})
 
     if "post_c1" in r:
         c1, c32 = r["post_c1"], r["post_c32"]
@@ -1191,6 +1330,18 @@ def summary_rows(r: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any
                            "by": f"{added - TARGETS[key]:.3f} ms over" if not ok else ""})
             row(f"POST latency, c=1, p{p} (ms)", values, "{:.3f}", f"{added:+.3f} ms",
                 f"+≤ {TARGETS[key]:g} ms", verdict(ok))
+        limit = TARGETS["p50_c1_minus_bare_ms"]
+        what = "added p50 at concurrency 1, broker - bare"
+        if "bare" in names:
+            base = lat(c1["direct"], 50)
+            b_add, bare_add = lat(c1["broker"], 50) - base, lat(c1["bare"], 50) - base
+            diff = b_add - bare_add
+            judged("POST added p50, c=1: broker - bare", what,
+                   f"{diff:+.3f} ms (broker {b_add:+.3f}, bare {bare_add:+.3f})",
+                   f"≤ {limit:g} ms", diff <= limit, f"{diff - limit:.3f} ms over")
+        else:
+            judged("POST added p50, c=1: broker - bare", what, "n/a (no bare)",
+                   f"≤ {limit:g} ms", None)
         values = {n: c32[n]["rps"] for n in names}
         ok = values["broker"] >= TARGETS["rps_c32"]
         checks.append({"what": "throughput at concurrency 32",
@@ -1202,6 +1353,15 @@ def summary_rows(r: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any
         row("POST throughput, c=32 (req/s)", values, "{:,.0f}",
             f"x{values['broker'] / values['direct']:.2f}", f"≥ {TARGETS['rps_c32']:,.0f}",
             verdict(ok))
+        want = TARGETS["rps_c32_vs_bare"]
+        if "bare" in values:
+            ratio = values["broker"] / values["bare"]
+            judged("POST throughput, c=32: broker ÷ bare", "throughput at concurrency 32, "
+                   "broker ÷ bare", f"x{ratio:.2f}", f"≥ {want:.1f}x", ratio >= want,
+                   f"{1 - ratio / want:.0%} short")
+        else:
+            judged("POST throughput, c=32: broker ÷ bare", "throughput at concurrency 32, "
+                   "broker ÷ bare", "n/a (no bare)", f"≥ {want:.1f}x", None)
         for p in (50, 99):
             values = {n: lat(c32[n], p) for n in names}
             row(f"POST latency, c=32, p{p} (ms)", values, "{:.2f}",
@@ -1218,8 +1378,17 @@ def summary_rows(r: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any
     if "chunks" in r:
         for p in (50, 99):
             values = {n: float(r["ttfb"][n]["ttfb_ms"][str(p)]) for n in names}
-            row(f"stream time to first event, p{p} (ms)", values, "{:.3f}",
-                f"{values['broker'] - values['direct']:+.3f} ms", "", "")
+            added = values["broker"] - values["direct"]
+            target, status = "", ""
+            if p == 99:
+                limit = TARGETS["ttfb_added_p99_ms"]
+                ok = added <= limit
+                target, status = f"+≤ {limit:g} ms", verdict(ok)
+                checks.append({"what": "stream time to first event, p99, added over direct",
+                               "target": target, "actual": f"{added:+.3f} ms", "ok": ok,
+                               "by": "" if ok else f"{added - limit:.3f} ms over"})
+            row(f"stream time to first event, p{p} (ms)", values, "{:.3f}", f"{added:+.3f} ms",
+                target, status)
         for p in (50, 99):
             values = {n: float(r["chunks"][n]["chunk_ms"][str(p)]) for n in names}
             added = values["broker"] - values["direct"]
@@ -1244,6 +1413,19 @@ def summary_rows(r: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any
         values = {n: float(r["open"][n]["chunk_ms"]["99"]) for n in names}
         row(f"{n_open:,} open streams: chunk delay p99 (ms)", values, "{:.3f}",
             f"{values['broker'] - values['direct']:+.3f} ms", "", "")
+        want = TARGETS["open_chunk_added_vs_nginx"]
+        label = f"{n_open:,} open streams: chunk delay p99 added, broker ÷ nginx"
+        what = f"{n_open:,} open streams: per-chunk delay p99 added over direct, broker ÷ nginx"
+        if "nginx" in values:
+            b_add = values["broker"] - values["direct"]
+            n_add = values["nginx"] - values["direct"]
+            # Literally "≤ 2x nginx's added delay": where nginx adds nothing, neither may we.
+            ok = b_add <= want * max(n_add, 0.0)
+            times = f"x{b_add / n_add:.2f}" if n_add > 0 else "no ratio (nginx adds ≤ 0)"
+            judged(label, what, f"{times} (broker {b_add:+.3f} ms, nginx {n_add:+.3f} ms)",
+                   f"≤ {want:.1f}x", ok, f"{b_add - want * max(n_add, 0.0):.3f} ms over")
+        else:
+            judged(label, what, "n/a (no nginx)", f"≤ {want:.1f}x", None)
         errs = {n: float(r["open"][n]["errors"]) for n in names}
         peak = {n: float(r["open"][n]["peak_open"]) for n in names}
         row(f"{n_open:,} open streams: most open at once", peak, "{:.0f}", "", f"{n_open:,}", "")
@@ -1275,7 +1457,67 @@ def summary_rows(r: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any
         calls = {n: d["total"] for n, d in r["syscalls"].items()}
         row("syscalls per POST, c=1 (strace -c; direct = the upstream's)", calls, "{:.1f}",
             "", "", "")
+    if r.get("workers"):
+        for n, key in ((2, "workers_2_x"), (8, "workers_8_x")):
+            if any(run["n"] == n for run in r["workers"]["runs"]):
+                x, bare_x, c = sweep_ratio(r["workers"], n)
+                label = f"workers sweep: broker req/s, N={n} ÷ N=1 (c={c})"
+                actual = "n/a (no N=1 in the sweep)" if x is None else \
+                    f"x{x:.2f} (bare x{bare_x:.2f})" if bare_x is not None else f"x{x:.2f}"
+                judged(label, f"broker throughput with --workers {n} ÷ --workers 1, c={c}",
+                       actual, f"≥ {TARGETS[key]:.1f}x",
+                       None if x is None else x >= TARGETS[key],
+                       "" if x is None else f"{1 - x / TARGETS[key]:.0%} short")
     return rows, checks
+
+
+def sweep_ratio(sw: dict[str, Any], n: int, conns: int | None = None
+                ) -> tuple[float | None, float | None, int]:
+    """Broker (and bare) req/s at N ÷ at N=1, at `conns` (default: the sweep's highest
+    concurrency: N workers need enough connections between them to all be busy)."""
+    c = conns or sw["conns"][-1]
+    runs = {run["n"]: run for run in sw["runs"]}
+    if 1 not in runs or n not in runs:
+        return None, None, c
+
+    def x(name: str) -> float | None:
+        one, this = runs[1].get(name, {}).get(str(c)), runs[n].get(name, {}).get(str(c))
+        return this["rps"] / one["rps"] if one and this and one["rps"] else None
+
+    return x("broker"), x("bare"), c
+
+
+def sweep_table(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The workers sweep: one row per N and concurrency."""
+    sw = r["workers"]
+    header = ["N", "concurrency", "broker req/s", "broker x(N=1)", "bare req/s", "bare x(N=1)",
+              "broker ÷ bare", "broker p99 (ms)", "errors (broker, bare)",
+              "processes (broker, bare)"]
+    rows = []
+    for run in sw["runs"]:
+        for c in sw["conns"]:
+            b, bare = run["broker"][str(c)], run["bare"][str(c)]
+            bx, barex, _ = sweep_ratio(sw, run["n"], c)
+            rows.append([str(run["n"]), str(c), f"{b['rps']:,.0f}",
+                         "n/a" if bx is None else f"x{bx:.2f}", f"{bare['rps']:,.0f}",
+                         "n/a" if barex is None else f"x{barex:.2f}",
+                         f"x{b['rps'] / bare['rps']:.2f}", f"{b['p99_ms']:.2f}",
+                         f"{b['errors']}, {bare['errors']}",
+                         f"{b['processes']}, {bare['processes']}"])
+    return header, rows
+
+
+def sweep_note(r: dict[str, Any]) -> str:
+    sw = r["workers"]
+    ceiling = ", ".join(f"{d['rps']:,.0f} req/s at c={c}" for c, d in sw["direct"].items())
+    flag = "" if sw["flag"] else (" This broker has no --workers flag: its N=1 row ran without "
+                                  "it.")
+    return (f"Each N: the broker restarted with `serve --workers N`, the bare proxy with "
+            f"`--processes N`; wrk with {sw['wrk_threads']} thread(s), "
+            f"{r['options']['duration']:g} s per run after {r['options']['warmup']:g} s of "
+            f"warm-up. The direct path at the same load (the ceiling: the upstream is one "
+            f"process): {ceiling}. The verdicts use c={sw['conns'][-1]}. *processes*: the parent "
+            f"and its workers, counted as each run began.{flag}")
 
 
 def _open_miss(errors: float, rss: float, peak: float, n: int) -> str:
@@ -1307,9 +1549,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def header_cells(r: dict[str, Any]) -> list[str]:
-    cols = ["direct", "nginx", "broker"] if "nginx" in r["targets_present"] else \
-        ["direct", "broker"]
-    return ["measure", *cols, "broker vs direct", "target", "verdict"]
+    return ["measure", *columns(r), "broker vs direct", "target", "verdict"]
 
 
 def load_shares(r: dict[str, Any]) -> list[float]:
@@ -1376,7 +1616,7 @@ def syscall_section(r: dict[str, Any]) -> str:
     sc = r.get("syscalls")
     if not sc:
         return ""
-    names = [n for n in ("direct", "nginx", "broker") if n in sc]
+    names = [n for n in PATHS if n in sc]
     top = list(sc["broker"]["per_request"])[:14]
     rows = [[f"`{call}`", *[f"{sc[n]['per_request'].get(call, 0):.2f}" for n in names]]
             for call in top]
@@ -1408,7 +1648,8 @@ def write_docs(r: dict[str, Any], rows: list[list[str]], checks: list[dict[str, 
     if not kept:
         kept = "(No analysis yet: write it here; the script keeps this block when it reruns.)"
     m, o = r["machine"], r["options"]
-    missed = [c for c in checks if not c["ok"]]
+    missed = [c for c in checks if c["ok"] is False]
+    judged = [c for c in checks if c["ok"] is not None]
     shares = load_shares(r)
     busy = sum(shares) / len(shares) if shares else 0.0
     c32 = r["post_c32"]
@@ -1432,19 +1673,25 @@ def write_docs(r: dict[str, Any], rows: list[list[str]], checks: list[dict[str, 
           if busy > 0.25 else []),
         table(header_cells(r), rows),
         "",
-        "*broker vs direct*: the broker's number minus the direct one (x: the ratio). "
-        "Latencies in ms; RSS is VmRSS (nginx: master + worker).",
+        "*broker vs direct*: the broker's number minus the direct one (x: the ratio); in a "
+        "row that names two paths (broker ÷ bare, broker - bare, broker ÷ nginx), that "
+        "comparison instead. *Added* is a path's figure minus the direct one. Latencies in "
+        "ms; RSS is VmRSS (nginx: master + worker).",
         "",
         f"![latency percentiles: direct, {', '.join(names[1:])}](bench-latency.svg)",
         "",
+        *(["### Workers sweep", "", table(*sweep_table(r)), "", sweep_note(r), ""]
+          if r.get("workers") else []),
         "## Targets",
         "",
         table(["target", "wanted", "actual", "verdict", "by how much"],
               [[c["what"], c["target"], c["actual"], verdict(c["ok"]), c["by"]]
                for c in checks]),
         "",
-        (f"{len(missed)} of {len(checks)} targets missed; what limits each is in *Analysis* "
-         "and the profile below." if missed else "All targets met."),
+        (f"{len(missed)} of {len(judged)} targets missed; what limits each is in *Analysis* "
+         "and the profile below." if missed else f"All {len(judged)} targets met.")
+        + (f" {len(checks) - len(judged)} could not be judged in this run (n/a: the path "
+           "they compare with is absent)." if len(judged) < len(checks) else ""),
         "",
         "## Machine",
         "",
@@ -1482,6 +1729,12 @@ def write_docs(r: dict[str, Any], rows: list[list[str]], checks: list[dict[str, 
         "`proxy_set_header Authorization` (the key swap, without policy or audit), "
         "`proxy_buffering off`, upstream keep-alive, 1 worker process (the broker is one "
         "event loop).",
+        "- **bare**: `scripts/bench_bare_proxy.py`, the simplest streaming aiohttp reverse "
+        "proxy on uvloop, one process: a catch-all handler forwards method, path, query and "
+        "body over one pooled `ClientSession` (`TCPConnector(limit=0)`, no decompression), "
+        "swaps `Authorization` as nginx does, and streams the answer back with "
+        "`StreamResponse` + `iter_any()`; no policy, audit or logging. What the framework "
+        "alone costs: the broker's own work is the difference between it and bare.",
         "",
         f"1. **POST** (body {len(EMBED_BODY)} B, answer ~1 KB): wrk 1 thread, a Lua script "
         "setting body and `Authorization`, and reporting percentiles from wrk's own "
@@ -1530,9 +1783,9 @@ def write_docs(r: dict[str, Any], rows: list[list[str]], checks: list[dict[str, 
         "```sh",
         "apt-get install -y wrk nginx strace # nginx, strace optional: their rows are skipped",
         "python -m pip install py-spy        # optional, into the same venv: the profile section",
-        ".venv/bin/python scripts/bench.py   # ~4 min; rewrites this file and "
+        ".venv/bin/python scripts/bench.py   # ~5 min; rewrites this file and "
         "docs/bench-latency.svg",
-        ".venv/bin/python scripts/bench.py --quick --no-docs   # ~1.5 min smoke run, "
+        ".venv/bin/python scripts/bench.py --quick --no-docs   # ~2 min smoke run, "
         "table only",
         "```",
         "",
@@ -1542,7 +1795,9 @@ def write_docs(r: dict[str, Any], rows: list[list[str]], checks: list[dict[str, 
         "first; `--phases post,profile` runs only some phases (the table only); "
         "`--src DIR` runs broker/ and grants/ from another tree, e.g. a patched copy, for "
         "an A/B comparison (the table only); `--broker-nofile 1024` starts the broker with "
-        "systemd's default open-files limit; `--json FILE` keeps the raw results and "
+        "systemd's default open-files limit; `--workers 1,2` adds the workers sweep (the "
+        "broker with `serve --workers N`, bare with `--processes N`, POST at c=32 and 64); "
+        "`--json FILE` keeps the raw results and "
         "`--report FILE` rebuilds this file from them; `--keep` keeps the temporary home, "
         "logs, py-spy stacks and strace counts.",
         "",
@@ -1556,7 +1811,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--quick", action="store_true",
-                    help="shorter phases (~1.5 min): 3 s wrk runs, 300 open streams")
+                    help="shorter phases (~2 min): 3 s wrk runs, 300 open streams")
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 10; quick 3)")
     ap.add_argument("--warmup", type=float, help="warm-up seconds before each (default 2)")
     ap.add_argument("--ttfb-count", type=int, help="sequential streams for TTFB (default 300)")
@@ -1589,6 +1844,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
                     help="no run: rebuild the table and docs from a --json file of an earlier run")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECS",
                     help="first wait up to SECS for other processes to use < 20%% of a core")
+    ap.add_argument("--workers", type=worker_list, default=(), metavar="LIST",
+                    help="workers sweep, e.g. 1,2 or 1,2,4,8: for each N, the broker with "
+                         "`serve --workers N` and bare with `--processes N`, POST req/s at "
+                         "c=32 and c=64 (N=1 ÷ N=2 ... verdicts need 1 in the list)")
     a = ap.parse_args(argv)
     q = a.quick
     return Options(
@@ -1605,7 +1864,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
         nginx=not a.no_nginx, profile=not a.no_profile, docs=not a.no_docs, keep=a.keep,
         json_out=a.json, quick=q, wait_quiet=a.wait_quiet, report=a.report,
         phases=tuple(x.strip() for x in a.phases.split(",") if x.strip()), src=a.src,
-        broker_nofile=a.broker_nofile, nice=a.nice)
+        broker_nofile=a.broker_nofile, nice=a.nice, workers=a.workers)
+
+
+def worker_list(text: str) -> tuple[int, ...]:
+    """`1,2,8` -> (1, 2, 8): each N once, in the order given."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each N must be ≥ 1: {text!r}")
+    return tuple(dict.fromkeys(values))
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -1638,8 +1908,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text_table(header_cells(results), rows))
     print()
+    if results.get("workers"):
+        print("workers sweep")
+        print(text_table(*sweep_table(results)))
+        print(sweep_note(results))
+        print()
     for c in checks:
-        print(f"{'MET   ' if c['ok'] else 'MISSED'} {c['what']}: {c['actual']} "
+        mark = "N/A   " if c["ok"] is None else "MET   " if c["ok"] else "MISSED"
+        print(f"{mark} {c['what']}: {c['actual']} "
               f"(target {c['target']}){'; ' + c['by'] if c['by'] else ''}")
     if opts.json_out and opts.report is None:
         opts.json_out.write_text(json.dumps(results, indent=1, default=str))

@@ -734,6 +734,7 @@ class _Printable:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self.unescaped = stream  # for writers that escape for themselves (the log renderers)
 
     def write(self, text: str) -> int:
         return self._stream.write(printable(text, lines=True))

@@ -202,7 +202,7 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is replaced or edited (inode, size, mtime), or None when it
     is missing: a stat per check, so a daemon notices an edit without reading the file."""
     try:
-        st = path.stat()
+        st = os.stat(path)  # not Path.stat: this runs before every decision
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -75,8 +75,11 @@ def configure(fmt: str | None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        # One write per line: workers share stderr, and two writes could interleave.
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        # One write per line: workers share stderr, and two writes could interleave. Both
+        # renderers escape every control character themselves (JSON as \u001b), so the
+        # CLI's escaping wrapper around stderr is skipped.
+        logger_factory=structlog.WriteLoggerFactory(getattr(sys.stderr, "unescaped",
+                                                            sys.stderr)),
         cache_logger_on_first_use=True,
     )
     for name in _STDLIB_LOGGERS:

@@ -142,6 +142,13 @@ class UsageTap:
             self._buffer.clear()
 
     def _events(self) -> None:
+        if b"usage" not in self._buffer:  # most chunks: no event here can carry usage
+            cut = self._buffer.rfind(b"\n")  # keep only the line still arriving
+            if cut >= 0:
+                del self._buffer[: cut + 1]
+            elif len(self._buffer) > TAP_LIMIT:
+                self._buffer.clear()
+            return
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:

@@ -11,9 +11,12 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -185,3 +188,13 @@ def test_sighup_reaches_every_worker_a_dead_one_is_replaced_and_stop_ends_all(
         assert cli("audit", "verify").returncode == 0
     finally:
         kill(b.daemon)
+
+
+def test_the_audit_chain_holds_under_attack_load_on_two_workers() -> None:
+    """scripts/attack_load.py on two workers: every legitimate request served, every refusal
+    as expected, every served request on record, and `audit verify` passes (its exit 0)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "attack_load.py"
+    run = subprocess.run([sys.executable, str(script), "--workers", "2", "--requests", "2000",
+                          "--concurrency", "32"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2000 ok, 0 failed" in run.stdout and "chain and seals intact" in run.stdout

@@ -22,11 +22,13 @@ The file holds hashes, ids and counts, never a token or a value. Writes skip fsy
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from broker.core.home import open_private
 from broker.gateway.usage import Reservation
 from grants import Lease
 
@@ -66,7 +68,7 @@ class WorkersDB:
     def create(cls, path: Path, spend: dict[tuple[str, str], int]) -> None:
         """The supervisor's fresh, empty file (0600), seeded with today's settled spend."""
         cls.remove(path)
-        path.touch(mode=0o600)
+        os.close(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         db = cls(path)
         with db.transaction() as c:
             c.executemany("INSERT INTO spend (token_id, day, settled) VALUES (?, ?, ?)",

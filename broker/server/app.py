@@ -35,7 +35,7 @@ from broker.core.home import Home, check_private, open_private, private_dir
 from broker.core.loopback import is_loopback_host
 from broker.server import admin, gateway, hardening, ui, v1
 from broker.server.access import Access
-from broker.server.auth import Authenticator
+from broker.server.auth import Authenticator, SharedThrottle
 from broker.server.middlewares import (
     API,
     CODE,
@@ -263,7 +263,7 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
 
 def _worker_app(service: Context, config: Config, listen: str,
                 shared: WorkersDB | None = None, workers: int = 1) -> web.Application:
-    audit = AuditRecorder(service)
+    audit = AuditRecorder(service, None if shared is None else SharedThrottle(shared))
     return create_app(service, LiveConfig(service.home, config, audit), audit, listen,
                       shared, workers)
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from broker.core.digest import token_hash
 from broker.core.errors import Unauthorized
+from broker.server.shared import WorkersDB
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,31 @@ class FailureThrottle:
         if len(self._failures) > 10_000:  # bounded memory under a flood of peers
             self._failures.clear()
         self._failures[peer] = (count + 1, since)
-        excess = count + 1 - self._free
+        return self._delay(count + 1)
+
+    def _delay(self, failures: int) -> float:
+        excess = failures - self._free
         # Bound the exponent, not just the result: 0.01 * 2 ** 1100 overflows a float.
         return 0.0 if excess <= 0 else min(self._cap, 0.01 * 2.0 ** min(excess - 1, 64))
+
+
+class SharedThrottle(FailureThrottle):
+    """`FailureThrottle` for several workers, in run/workers.db: a guesser's failures count
+    the same whichever worker answers them (CLOCK_MONOTONIC is one clock for all)."""
+
+    def __init__(self, db: WorkersDB) -> None:
+        super().__init__()
+        self._db = db
+
+    def penalty(self, peer: str) -> float:
+        now = self._clock()
+        with self._db.transaction() as c:
+            c.execute("DELETE FROM failures WHERE ? - since > ?", (now, self._window))
+            row = c.execute("SELECT count FROM failures WHERE peer = ?", (peer,)).fetchone()
+            count = 0 if row is None else int(row[0])
+            c.execute("INSERT INTO failures VALUES (?, 1, ?) ON CONFLICT (peer) "
+                      "DO UPDATE SET count = count + 1", (peer, now))
+        return self._delay(count + 1)
 
 
 @dataclass

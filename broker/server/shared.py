@@ -8,7 +8,8 @@ start (a restart ends every lease, as with one worker):
   revoked through any of them (`Ledger`);
 - the consumer tokens' daily budgets: reserve, then settle, in one transaction each, so
   concurrent requests on different workers cannot race past a budget (`SharedBudgets`);
-- the dashboard's login codes and sessions (`ui.SharedLogins`).
+- the dashboard's login codes and sessions (`ui.SharedLogins`);
+- the bad-token slow-down (`auth.SharedThrottle`).
 
 Everything else is shared already: tokens and secrets through metadata.db (checked on
 every request), the grants file (a stat per decision), the audit log (an flock'ed chain).
@@ -43,6 +44,9 @@ CREATE INDEX IF NOT EXISTS leases_by_key ON leases (consumer, secret_ref, delive
 CREATE TABLE IF NOT EXISTS spend (
     token_id TEXT NOT NULL, day TEXT NOT NULL, settled INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (token_id, day)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    peer TEXT PRIMARY KEY, count INTEGER NOT NULL, since REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS codes (digest TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (

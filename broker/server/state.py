@@ -53,11 +53,11 @@ class AuditRecorder:
     """Writes the daemon's audit events; refuses requests while the log cannot be written,
     and keeps a flood of refusals from filling it (`RefusalTally`, `FailureThrottle`)."""
 
-    def __init__(self, service: Context) -> None:
+    def __init__(self, service: Context, throttle: FailureThrottle | None = None) -> None:
         # Held directly, not through the Context: they are used on every request.
         self._log, self._actor, self._path = service.audit_log, service.actor, service.home.audit
         self.broken = False
-        self.throttle = FailureThrottle()
+        self.throttle = throttle or FailureThrottle()
         self.refusals = RefusalTally()
         self._later: list[tuple[str, dict[str, Any]]] = []
 

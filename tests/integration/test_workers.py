@@ -198,3 +198,30 @@ def test_the_audit_chain_holds_under_attack_load_on_two_workers() -> None:
                           "--concurrency", "32"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2000 ok, 0 failed" in run.stdout and "chain and seals intact" in run.stdout
+
+
+def test_bad_tokens_are_slowed_as_one_count_across_workers(two: Broker) -> None:
+    """Four wrong tokens on each worker: eight failures in one shared count, so the last
+    three are slowed (10, 20, 40 ms), though neither worker alone saw more than the five
+    free ones. The daemon logs the longest slow-down of each refusal window."""
+    first, second = one_per_worker(two)
+    for worker in (first, second):
+        assert {worker.call("GET", "/v1/health", token="sbt_wrong").status
+                for _ in range(4)} == {401}
+    assert two.daemon.stop() == 0  # writes each worker's open windows with their delays
+    delays = [json.loads(line).get("delay_ms", 0) for line in two.log().splitlines()
+              if '"auth.failed"' in line]
+    assert max(delays) == 40
+
+
+def test_a_rotated_secret_reaches_every_worker_at_once(two: Broker) -> None:
+    """Each worker sends the new value on its very next request (the stand-in now accepts
+    only that one), and the rotation is audited once."""
+    workers = one_per_worker(two)
+    assert [w.embed().status for w in workers] == [200, 200]
+    stand = two.standins["openai"]
+    stand.expected_key = "sk-rotated-0123456789"
+    two.cli.ok("rotate", "@openai_api_key", "--stdin", input=stand.expected_key + "\n")
+    assert [w.embed().status for w in workers] == [200, 200]  # the stand-in checks the key
+    assert len(stand.requests) == 4
+    assert len(two.events("secret.rotated")) == 1

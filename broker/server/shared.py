@@ -123,6 +123,7 @@ class Ledger:
         """File `lease`, unless a live one for its key and secret version is filed already:
         then that one is returned, and `lease` is not filed."""
         with self._db.transaction() as c:
+            c.execute("DELETE FROM leases WHERE expires_at < ?", (self._clock() - 3600,))
             found = c.execute(
                 f"SELECT {_LEASE_COLUMNS} FROM leases WHERE consumer = ? AND secret_ref = ? "  # noqa: S608
                 "AND purpose IS ? AND delivery = ? AND host IS ? AND secret_version = ? "

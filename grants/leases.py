@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from grants.model import AccessRequest, Allow, Deny, Grant
@@ -130,8 +130,10 @@ class LeaseTable:
         """On rotation or removal, end the secret's leases except those of `keep_version`."""
         return self.revoke_where(of_secret(secret_ref, keep_version))
 
-    def ids(self) -> builtins.list[str]:
-        return list(self._by_id)
+    def ids(self) -> Iterator[str]:
+        """The ids filed (lazily: the daemon's workers read them only when another worker
+        changed something)."""
+        return iter(self._by_id)
 
     def __len__(self) -> int:
         self._prune()

@@ -226,9 +226,7 @@ def serve(home: Home, *, listen: str | None = None, log_format: str | None = Non
     for path in (home.root, home.token, home.audit, home.vault, home.vault_key):
         check_private(path)
     config = load_config(home)
-    count = worker_count(config.workers if workers is None else workers)
-    if count < 1:
-        raise UsageError("--workers: use a number of at least 1, or auto")
+    count = worker_count(config.workers if workers is None else workers)  # both checked ≥ 1
     service = Context.open(home, environ, actor="broker", audit_fsync=config.audit_fsync)
     host, port = parse_listen(listen or config.listen, allow_remote)
     pid_fd = _take_pid_lock(home)

@@ -61,7 +61,6 @@ class WorkersDB:
     """One connection per worker to run/workers.db (opened after the fork)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

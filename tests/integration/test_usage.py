@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 
 from broker.client import BrokerClient
 from tests.conftest import Cli, grant, start_daemon, wait_for, write_grants
-from tests.support.gateway import Broker, configure, real_key
+from tests.support.gateway import Broker, configure, race_a_budget, real_key
 from tests.support.sdk_clients import genai_client, jina_post, openai_client, voyage_client
 from tests.support.standins import StandIn
 
@@ -118,21 +117,7 @@ def test_usage_grouping_cli_admin_and_consumer_views(gateway: Broker) -> None:
 
 async def test_budget_holds_under_twenty_concurrent_requests(gateway: Broker) -> None:
     """20 concurrent requests cannot overshoot a daily budget by more than one request."""
-    token = json.loads(gateway.cli.ok("token", "create", "--consumer", "default",
-                                      "--daily-tokens", "100", "--json"))["token"]
-    client = openai_client(gateway.root("openai"), token, async_=True)
-
-    async def one() -> bool:
-        try:
-            await client.chat.completions.create(
-                model="budget", messages=MESSAGES, max_tokens=20)
-        except openai.RateLimitError as exc:
-            assert exc.code == "budget_exceeded"
-            return False
-        return True
-
-    results = await asyncio.gather(*(one() for _ in range(20)))
-    await client.close()
+    results = await race_a_budget(gateway)
     per_request = 7 + 5
     spent = sum(results) * per_request
     assert 0 < sum(results) < 20

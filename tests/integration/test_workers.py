@@ -6,7 +6,6 @@ process answers), so "every worker" is checked on each, not left to the kernel's
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
@@ -19,16 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
 from tests.conftest import Cli, grant, wait_for, write_grants
-from tests.support.gateway import EMBED, Broker, kill, launch, provider_grants
-from tests.support.sdk_clients import openai_client
+from tests.support.gateway import (
+    EMBED,
+    Broker,
+    kill,
+    launch,
+    provider_grants,
+    race_a_budget,
+)
 from tests.support.standins import StandIn
 
 TWO = "[broker]\nworkers = 2\n"
-MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @dataclass
@@ -126,21 +129,7 @@ def test_leases_are_listed_and_revoked_through_any_worker(two: Broker) -> None:
 async def test_a_daily_budget_holds_across_workers(two: Broker) -> None:
     """20 concurrent requests on both workers overshoot a budget by one request at most."""
     one_per_worker(two)
-    token = json.loads(two.cli.ok("token", "create", "--consumer", "default",
-                                  "--daily-tokens", "100", "--json"))["token"]
-    client = openai_client(two.root("openai"), token, async_=True)
-
-    async def one() -> bool:
-        try:
-            await client.chat.completions.create(model="budget", messages=MESSAGES,
-                                                 max_tokens=20)
-        except openai.RateLimitError as exc:
-            assert exc.code == "budget_exceeded"
-            return False
-        return True
-
-    results = await asyncio.gather(*(one() for _ in range(20)))
-    await client.close()
+    results = await race_a_budget(two)
     per_request = 7 + 5
     assert 0 < sum(results) < 20
     assert sum(results) * per_request <= 100 + per_request

@@ -8,6 +8,7 @@ refuse to send most of them. Every real key is a canary string, so a scan finds 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Callable, Sequence
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
+
 from broker.core.home import Home
 from broker.service.context import Context
 from broker.service.secrets import Secrets
 from tests.conftest import CANARY, Cli, Daemon, grant, start_daemon, write_grants
+from tests.support.sdk_clients import openai_client
 from tests.support.standins import StandIn
 
 PROVIDERS = ("openai", "google", "jina", "voyage")
@@ -257,3 +261,26 @@ def kill(daemon: Daemon) -> None:
     if daemon.proc.poll() is None:
         daemon.proc.kill()
         daemon.proc.wait()
+
+
+async def race_a_budget(b: Broker, concurrent: int = 20) -> list[bool]:
+    """`concurrent` chat requests at once under a new consumer token with a daily budget of
+    100 tokens (each costs the stand-in's 7 + 5): which were served. A refused one must be
+    the SDK's RateLimitError with code budget_exceeded."""
+    token = json.loads(b.cli.ok("token", "create", "--consumer", "default",
+                                "--daily-tokens", "100", "--json"))["token"]
+    client = openai_client(b.root("openai"), token, async_=True)
+
+    async def one() -> bool:
+        try:
+            await client.chat.completions.create(
+                model="budget", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+        except openai.RateLimitError as exc:
+            assert exc.code == "budget_exceeded"
+            return False
+        return True
+
+    try:
+        return list(await asyncio.gather(*(one() for _ in range(concurrent))))
+    finally:
+        await client.close()

@@ -4,6 +4,7 @@ local stand-in upstream that checks which key arrives."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from broker.core.errors import BrokerError
 from tests.conftest import CANARY, Daemon, grant, scan, start_daemon, wait_for, write_grants
+from tests.support.mcp import agent
 from tests.support.sdk_clients import openai_client
 from tests.support.standins import StandIn
 from tests.support.team import (
@@ -242,3 +244,28 @@ def test_a_removal_arrives_on_sighup_and_ends_its_leases(served: Served) -> None
     assert removed and (removed[-1]["secret_ref"], removed[-1]["team"]) == (
         "acme.openai_api_key", "acme")
     assert lease["lease_id"] not in {x["lease_id"] for x in s.daemon.client().leases()}
+
+
+async def test_an_agent_uses_a_team_key_over_mcp_and_never_sees_it(served: Served) -> None:
+    """Through `secret-broker mcp` the team's key reaches the upstream, and an answer echoing
+    it (or the local value, or the agent's token) comes back scrubbed."""
+    s, ci = served, served.world["ci"]
+    token = json.loads(ci.cli.ok("token", "create", "--consumer", "default", "--json"))["token"]
+    env = {**ci.cli.env, "SECRET_BROKER_TOKEN": token, "SECRET_BROKER_URL": s.daemon.url}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with agent(env, ci.cli.home) as a:
+        listed = await a.ok("list_secrets")
+        assert "acme.openai_api_key" in {e["ref"] for e in listed["secrets"]}
+        answer = (await a.ok("call_provider", provider="openai", path="v1/chat/completions",
+                             body=chat))["answer"]
+        assert answer["choices"][0]["message"]["content"]  # the team's key was accepted
+        # base64 is no key shape, so only the daemon's scrub of the values it holds (the
+        # team's included) can catch that form.
+        encoded = base64.b64encode(VALUE.encode()).decode()
+        s.upstream.force = (200, json.dumps({"echo": [VALUE, encoded, CANARY, token]}).encode())
+        echoed = (await a.ok("call_provider", provider="openai", path="v1/chat/completions",
+                             body=chat))["answer"]
+        assert echoed == {"echo": ["[redacted]"] * 4}
+    assert [r.headers.get("authorization") for r in s.upstream.requests] == \
+        [f"Bearer {VALUE}"] * 2
+    assert scan([*a.everything(), s.daemon.log()], VALUE, encoded, CANARY, token) == []

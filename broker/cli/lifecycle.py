@@ -62,7 +62,8 @@ def _log_tail(home: Home, lines: int = 15) -> str:
         return "(no log)"
 
 
-def start(home: Home, *, listen: str | None, timeout: float) -> int:
+def start(home: Home, *, listen: str | None, timeout: float,
+          workers: int | str | None = None) -> int:
     home.require()
     private_dir(home.run)  # before anything in it is opened
     pid = running_pid(home)
@@ -83,6 +84,8 @@ def start(home: Home, *, listen: str | None, timeout: float) -> int:
     argv = [sys.executable, "-m", "broker", "serve", "--log-format", "json"]
     if listen:
         argv += ["--listen", listen]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     log = open_private(home.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -146,6 +149,6 @@ def status(home: Home, *, as_json: bool) -> int:
           + (f"\n         {grants['error']}" if grants.get("error") else ""))
     print(f"leases:  {doc['leases']['active']} active")
     counted = f" (worker {doc['worker_pid']})" if several else ""
-    print(f"requests{counted}: {sum(doc['requests'].values())} "
-          + " ".join(f"{k}={v}" for k, v in sorted(doc["requests"].items())))
+    print(f"requests{counted}: " + " ".join([str(sum(doc["requests"].values())), *(
+        f"{k}={v}" for k, v in sorted(doc["requests"].items()))]))
     return 0

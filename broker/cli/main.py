@@ -351,7 +351,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from broker.cli.lifecycle import start
 
-    return start(Home.from_env(), listen=args.listen, timeout=args.timeout)
+    return start(Home.from_env(), listen=args.listen, timeout=args.timeout, workers=args.workers)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -644,11 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: console on a terminal, else json")
     sp.add_argument("--allow-remote", action="store_true",
                     help="permit a non-loopback --listen address (not recommended)")
-    sp.add_argument("--workers", type=_workers, metavar="N|auto",
-                    help="processes serving requests (default from config.toml: 1)")
+    workers_help = "processes serving requests (default from config.toml: 1)"
+    sp.add_argument("--workers", type=_workers, metavar="N|auto", help=workers_help)
 
     sp = command("start", cmd_start, "start the broker in the background and wait for it")
     sp.add_argument("--listen", help="HOST:PORT for loopback HTTP (default from config.toml)")
+    sp.add_argument("--workers", type=_workers, metavar="N|auto", help=workers_help)
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it")
 
     sp = command("stop", cmd_stop, "stop the background broker")

@@ -214,3 +214,32 @@ def test_a_rotated_secret_reaches_every_worker_at_once(two: Broker) -> None:
     assert [w.embed().status for w in workers] == [200, 200]  # the stand-in checks the key
     assert len(stand.requests) == 4
     assert len(two.events("secret.rotated")) == 1
+
+
+def test_start_workers_runs_two_in_the_background_and_stop_ends_them(cli: Cli) -> None:
+    """`start --workers 2` as a user types it: status names both, stop ends every process."""
+    out = cli.ok("start", "--listen", "127.0.0.1:0", "--workers", "2")
+    pid = int(out.split("(pid ", 1)[1].split(")", 1)[0])
+    try:
+        status = json.loads(cli.ok("status", "--json"))
+        assert (status["pid"], status["workers"]) == (pid, 2)
+        assert f"running: pid {pid}, 2 workers," in cli.ok("status")
+        worker = status["worker_pid"]
+        assert worker != pid
+        assert cli.ok("stop").strip() == f"broker stopped (pid {pid})"
+        # Neither is our child, so either may linger as a zombie until init reaps it.
+        wait_for(lambda: not any(running(p) for p in (pid, worker)), timeout=10,
+                 what="the supervisor and its worker to exit")
+    finally:
+        cli("stop")
+    refused = cli("start", "--workers", "0")
+    assert refused.returncode == 2 and "at least 1, or auto" in refused.stderr
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -29,7 +29,7 @@ EXAMPLES = {
     1: "an error: an invalid file, a file others can read, a clash, the audit log unwritable, "
        "git refusing (a dirty checkout, a non-fast-forward, a rejected push)",
     2: "bad usage: an unknown flag, a malformed ref, a template typo, a value over 64 KiB",
-    3: "a secret, token or profile that does not exist",
+    3: "a secret, token, profile or team that does not exist",
     4: "denied by the grants (or their absence), a wrong token, a budget spent",
     5: "the store does not unlock, a value does not decrypt, or a team's commit fails "
        "verification (tampering, rollback)",

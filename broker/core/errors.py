@@ -13,9 +13,13 @@ class BrokerError(Exception):
     status = 500
     exit_code = 1
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Why, where that names this machine's files: the daemon tells its owner, and logs it
+        # for a consumer instead (the CLI, the owner's own, prints it).
+        self.detail = detail
         if code is not None:
             self.code = code
 

@@ -57,7 +57,19 @@ def error_response(request: web.Request, exc: BrokerError) -> web.Response:
     if 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
         headers["x-should-retry"] = "false"
     return web.Response(status=exc.status, headers=headers,
-                        body=error_body(shape, exc.status, exc.code, exc.message))
+                        body=error_body(shape, exc.status, exc.code, _told(request, exc)))
+
+
+def _told(request: web.Request, exc: BrokerError) -> str:
+    """The message, with its detail for the owner (or the dashboard) only: a detail may name
+    paths on this machine, which a consumer must not learn (as from /v1/status)."""
+    if exc.detail is None:
+        return exc.message
+    principal = request.get("principal")
+    if principal is not None and principal.kind != "consumer":
+        return f"{exc.message}: {exc.detail}"
+    log.warning("error.detail_withheld", route=request.path, code=exc.code, detail=exc.detail)
+    return f"{exc.message}; the broker's log says why"
 
 
 def _from_http(exc: web.HTTPException) -> BrokerError:

@@ -230,7 +230,8 @@ class SecretsCache:
         try:
             value = Secrets(self._service).value(ref)  # refuses a value not in metadata
         except (SecretNotFound, UnlockFailed, InsecureFile) as exc:
-            raise SecretUnavailable(f"the value of @{ref} cannot be read: {exc.message}") from None
+            raise SecretUnavailable(f"the value of @{ref} cannot be read",
+                                    detail=exc.message) from None
         self._values[ref] = (version, value)
         return value
 

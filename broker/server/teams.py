@@ -94,7 +94,8 @@ class ServedTeams:
         snapshot = self._snapshots.get(config.name)
         if snapshot is None or snapshot.team is None:
             why = snapshot.failure if snapshot else "not loaded yet"
-            raise SecretUnavailable(f"@{ref} is unavailable: team {config.name}: {why}")
+            raise SecretUnavailable(f"@{ref} is unavailable: team {config.name} is not served",
+                                    detail=why)
         secret = snapshot.team.secrets.get(ref[len(config.ref_prefix):])
         if secret is None:
             raise SecretNotFound(f"team {config.name} has no secret @{ref[len(config.ref_prefix):]}"

@@ -233,19 +233,30 @@ def test_vault_file_damaged_after_rotation_is_503_without_a_leak(gateway: Broker
         "another ref's file": (b.cli.home / "vault" / "s-jina_api_key.sbv").read_bytes(),
         "garbage": b"\x00" * len(good),
     }
+    consumer = json.loads(b.cli.ok("token", "create", "--consumer", "default", "--json"))
+    owner_told: list[str] = []
     for what, blob in damaged.items():
         if blob is None:
             vault.unlink(missing_ok=True)
         else:
             vault.write_bytes(blob)
-        reply = b.post("openai", "v1/embeddings")
-        assert (reply.status, reply.code) == (503, "secret_unavailable"), what
+        replies = [b.post("openai", "v1/embeddings", token=t) for t in ("owner", consumer["token"])]
+        assert [(r.status, r.code) for r in replies] == [(503, "secret_unavailable")] * 2, what
+        told_owner, told_consumer = (r.json()["error"]["message"] for r in replies)
+        owner_told.append(told_owner)
+        assert told_owner.startswith("the value of @openai_api_key cannot be read: "), what
+        # The why may name files in the home: the owner is told, a consumer only pointed
+        # at the log.
+        assert told_consumer == ("the value of @openai_api_key cannot be read; the broker's "
+                                 "log says why"), what
         assert b.daemon.proc.poll() is None
     assert len(openai.requests) == 2
     openai.expected_key = real_key("openai") + "-v3"
     b.cli.ok("rotate", "@openai_api_key", "--stdin", input=openai.expected_key)
     assert b.post("openai", "v1/embeddings").status == 200
     assert openai.last.headers["authorization"] == f"Bearer {openai.expected_key}"
+    withheld = [json.loads(line) for line in b.log().splitlines() if "detail_withheld" in line]
+    assert [e["detail"] for e in withheld] == [m.split(": ", 1)[1] for m in owner_told]
     bodies = [r.body.decode(errors="replace") for r in b.replies]
     assert scan([*bodies, b.log()], CANARY) == []
 

@@ -40,20 +40,26 @@ class Queries:
         return newest[::-1]
 
     def verify_audit(self) -> audit.Verdict:
-        check_private(self.ctx.home.audit)
-        return audit.verify(audit.read_lines(self.ctx.home.audit),
-                            self.ctx.session.derived_key("audit-log"),
-                            self.ctx.metadata.checkpoint())
+        path = self.ctx.home.audit
+        check_private(path)
+        with audit.appends_held(path) as size:
+            checkpoint = self.ctx.metadata.checkpoint()
+        return audit.verify(audit.read_lines(path, size), self.ctx.session.derived_key("audit-log"),
+                            checkpoint)
 
     def reseal_audit(self) -> audit.Verdict:
         """Trust the log as it is now: when every line's MAC and the chain hold, seal a new
         checkpoint at its end and record that this was done (a deliberate owner's act)."""
-        check_private(self.ctx.home.audit)
-        verdict, checkpoint = audit.resealed(audit.read_lines(self.ctx.home.audit),
-                                             self.ctx.session.derived_key("audit-log"))
-        if verdict.ok:
+        path = self.ctx.home.audit
+        check_private(path)
+        key = self.ctx.session.derived_key("audit-log")
+        # Held throughout: a checkpoint sealed at the end must not fall behind an append.
+        with audit.appends_held(path) as size:
+            verdict, checkpoint = audit.resealed(audit.read_lines(path, size), key)
+            if not verdict.ok:
+                return verdict
             self.ctx.metadata.replace_checkpoint(checkpoint)
-            self.ctx.record("audit.resealed", count=verdict.checked)
+        self.ctx.record("audit.resealed", count=verdict.checked)
         return verdict
 
     def usage(self, *, since: str | None = None, by: str | None = None,

@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,13 +187,39 @@ def read_events(path: Path, *, newest_first: bool = False) -> Iterator[dict[str,
             continue  # `audit verify` reports damaged lines; listing skips them
 
 
-def read_lines(path: Path) -> Iterator[bytes]:
+def read_lines(path: Path, end: int | None = None) -> Iterator[bytes]:
+    """The file's lines, stopping at byte `end` when given (see `appends_held`)."""
+    left = end
     try:
         with path.open("rb") as fh:
             for raw in fh:
+                if left is not None:
+                    if left <= 0:
+                        return
+                    raw, left = raw[:left], left - len(raw)
                 yield raw.rstrip(b"\n")
     except FileNotFoundError:
         return
+
+
+@contextmanager
+def appends_held(path: Path) -> Iterator[int]:
+    """Hold appends off and give the log's length, to read with its checkpoint as one.
+
+    An appender holds the lock from its write to its checkpoint: read without it, a line
+    half written, or one appended between reading the lines and the checkpoint, would read
+    as tampering. Keep the block short: a daemon's appends wait for it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield 0
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def read_lines_backwards(path: Path, block: int = 65536) -> Iterator[bytes]:

@@ -216,12 +216,17 @@ class Metadata:
                 self._set_checkpoint((seq, mac, seal(seq, mac)))
 
     def checkpoint(self) -> tuple[int, str, str | None] | None:
-        """The newest audit (seq, mac) and its seal (None in a home from before sealing)."""
-        seq, mac = self.get_meta("audit_seq"), self.get_meta("audit_mac")
+        """The newest audit (seq, mac) and its seal (None in a home from before sealing).
+
+        One statement, so one snapshot: read key by key, a writer committing in between
+        would pair an old seq with a new seal, which reads as an edited checkpoint."""
+        rows = {str(key): str(value) for key, value in self._db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('audit_seq', 'audit_mac', 'audit_seal')")}
+        seq, mac = rows.get("audit_seq"), rows.get("audit_mac")
         if seq is None or mac is None:
             return None
         # A hand-edited seq that is no number reads as 0, which its seal then fails.
-        return int(seq) if seq.isdigit() else 0, mac, self.get_meta("audit_seal")
+        return int(seq) if seq.isdigit() else 0, mac, rows.get("audit_seal")
 
     def replace_checkpoint(self, checkpoint: tuple[int, str, str] | None) -> None:
         """`audit verify --reseal`: trust the log as it is now (None: an empty log)."""

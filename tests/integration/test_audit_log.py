@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from broker.core.home import Home
+from broker.service.context import Context
+from broker.service.queries import Queries
 from tests.conftest import Cli, base_env, move_audit_log, tmpfs
 
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -324,3 +328,31 @@ def test_read_only_file_system_refuses_the_action(cli: Cli) -> None:
         assert cli("exec", "--env", "V=@a", "--", "true").returncode == 1
         subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
         assert verify(cli)[0] == 0
+
+
+APPENDER = """
+import sys
+from pathlib import Path
+from broker.core.home import Home
+from broker.service.context import Context
+ctx = Context.open(Home(Path(sys.argv[1])))
+print("ready", flush=True)
+for i in range(int(sys.argv[2])):
+    ctx.record("test.tick", count=i)
+"""
+
+
+def test_verify_while_another_process_appends_sees_no_tampering(cli: Cli) -> None:
+    """`audit verify` reads the log and its checkpoint as one moment: a line appended (and
+    checkpointed) by another process in between must not read as a cut or an edit."""
+    queries = Queries(Context.open(Home(cli.home), cli.env))
+    writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(cli.home), "1500"],
+                              env=cli.env, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+    verdicts = []
+    while writer.poll() is None:
+        verdicts.append(queries.verify_audit())
+    assert writer.returncode == 0
+    assert len(verdicts) >= 10  # verified again and again while the lines came in
+    assert [v for v in verdicts if not v.ok] == []
+    assert queries.verify_audit().checked == 1501

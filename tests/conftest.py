@@ -25,6 +25,8 @@ import pytest
 
 from broker.client import BrokerClient
 from broker.core.errors import BrokerNotRunning
+from broker.core.home import Home
+from broker.service.new_home import init_home
 
 # The team-vault fixtures (`template`, `world`) live with the team world they build.
 pytest_plugins = ["tests.support.team"]
@@ -92,12 +94,20 @@ def home() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def new_home(home: Path, env: dict[str, str]) -> Cli:
+    """A CLI on a fresh file-vault home unlocked by a generated key file (fast: no Argon2).
+
+    The home is made in this process by the function `init` runs: the suite makes a few
+    hundred homes, and an interpreter start for each would cost half a minute of CPU. The
+    `init` command itself is tested as a process (test_store_cli, test_review_home).
+    """
+    init_home(Home(home), "file-vault", env)
+    return Cli(home, env)
+
+
 @pytest.fixture
 def cli(home: Path) -> Cli:
-    """A CLI on a fresh file-vault home unlocked by a generated key file (fast: no Argon2)."""
-    c = Cli(home, base_env(home))
-    c.ok("init", "--backend", "file-vault")
-    return c
+    return new_home(home, base_env(home))
 
 
 @pytest.fixture
@@ -222,9 +232,7 @@ def gateway(cli: Cli, standins: dict[str, Any]) -> Iterator[Any]:
 def module_home() -> Iterator[Cli]:
     """A fresh file-vault home shared by one module's tests (one daemon, many attacks)."""
     root = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
-    c = Cli(root / "h", base_env(root / "h"))
-    c.ok("init", "--backend", "file-vault")
-    yield c
+    yield new_home(root / "h", base_env(root / "h"))
     shutil.rmtree(root, ignore_errors=True)
 
 

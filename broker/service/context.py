@@ -75,9 +75,9 @@ class HomeSession:
     def audit_log(self) -> audit.AuditLog:
         check_private(self.home.audit)
         # Its own connection: in batch mode the checkpoint is written from a flush thread.
-        checkpoints = Metadata(self.home.metadata)
+        self._checkpoints = Metadata(self.home.metadata)
         return audit.AuditLog(self.home.audit, self.derived_key("audit-log"),
-                              checkpoints.advance_checkpoint, self._audit_fsync)
+                              self._checkpoints.advance_checkpoint, self._audit_fsync)
 
     def fingerprint(self, value: str) -> str:
         """A keyed hash: equal values match, but it reveals nothing of the value."""
@@ -97,6 +97,13 @@ class HomeSession:
         """Close the metadata connection (a supervisor's, before it forks workers)."""
         if "metadata" in self.__dict__:
             self.__dict__.pop("metadata").close()
+
+    def close(self) -> None:
+        """Flush the audit log and close what was opened (a one-shot caller's, like init)."""
+        if "audit_log" in self.__dict__:
+            self.__dict__.pop("audit_log").close()
+            self._checkpoints.close()
+        self.close_metadata()
 
     @contextmanager
     def writing(self) -> Iterator[None]:

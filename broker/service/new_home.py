@@ -92,10 +92,13 @@ def init_home(home: Home, requested: str | None, environ: Mapping[str, str] | No
     write_private(home.token, (new_token() + "\n").encode())
     write_private(home.grants, EXAMPLE_GRANTS.encode())
     ctx = Context.open(home, environ)
-    ctx.store.put(INSTANCE_KEY, base64.b64encode(secrets.token_bytes(32)).decode(), 1)
-    # config.toml last: its presence is what marks the home as initialised.
-    write_private(home.config, render_config(choice.backend).encode())
-    ctx.record("broker.initialized", backend=choice.backend)
+    try:
+        ctx.store.put(INSTANCE_KEY, base64.b64encode(secrets.token_bytes(32)).decode(), 1)
+        # config.toml last: its presence is what marks the home as initialised.
+        write_private(home.config, render_config(choice.backend).encode())
+        ctx.record("broker.initialized", backend=choice.backend)
+    finally:
+        ctx.session.close()
     return InitResult(home, choice.backend, choice.why, created=True, key_file=key_file)
 
 

@@ -23,7 +23,7 @@ from broker.core.home import Home
 from broker.service.context import Context
 from broker.service.team import Teams
 from broker.team.format import roster_path
-from tests.conftest import Cli, base_env
+from tests.conftest import Cli, base_env, new_home
 
 VALUE = "sk-team-canary-" + uuid.uuid4().hex
 VALUE_2 = "sk-team-canary2-" + uuid.uuid4().hex
@@ -87,8 +87,7 @@ class World:
 
 def new_member(world: World, name: str) -> Member:
     home = world.root / f"home-{name}"
-    cli = Cli(home, base_env(home, **GIT_ENV))
-    cli.ok("init", "--backend", "file-vault")
+    cli = new_home(home, base_env(home, **GIT_ENV))
     clone = world.root / name
     git(world.root, "clone", "-q", str(world.remote), str(clone))
     member = Member(name, cli, clone)

@@ -6,6 +6,7 @@ alice is the admin, bob a writer of `llm`, ci a reader host of `llm`; `llm` hold
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,8 +26,10 @@ from broker.service.team import Teams
 from broker.team.format import roster_path
 from tests.conftest import Cli, base_env, new_home
 
-VALUE = "sk-team-canary-" + uuid.uuid4().hex
-VALUE_2 = "sk-team-canary2-" + uuid.uuid4().hex
+# One world is built per run and shared by the xdist workers, so its canaries are the run's.
+RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+VALUE = "sk-team-canary-" + hashlib.sha256(f"{RUN_ID}/1".encode()).hexdigest()[:32]
+VALUE_2 = "sk-team-canary2-" + hashlib.sha256(f"{RUN_ID}/2".encode()).hexdigest()[:32]
 OPENAI = ".sbteam/secrets/llm/openai_api_key"
 SHA_K = ["sh", "-c", 'printf %s "$K" | sha256sum']
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
@@ -210,12 +213,32 @@ def blob(repo: Path, spec: str) -> bytes:
 # --- fixtures: import them into a test module to use them ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def template() -> Iterator[World]:
-    """Built once per module (about 40 CLI calls); each test gets its own copy."""
-    root = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
-    yield build_world(root)
-    shutil.rmtree(root, ignore_errors=True)
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """Built once per run (about 40 CLI calls) by the first worker that asks, under a lock;
+    the others read it back. Each test gets its own copy. pytest removes old temp dirs."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the run's directory, above each worker's own
+    root, saved = shared / "team-world", shared / "team-world.json"
+    fd = os.open(shared / "team-world.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not saved.exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+            root.mkdir()
+            world = build_world(root)
+            saved.write_text(json.dumps({"fingerprint": world.fingerprint, "members": {
+                name: m.cli.outputs for name, m in world.members.items()}}))
+    finally:
+        os.close(fd)
+    doc = json.loads(saved.read_text())
+    world = World(root, root / "remote.git", fingerprint=doc["fingerprint"])
+    for name, outputs in doc["members"].items():
+        home = root / f"home-{name}"
+        world.members[name] = Member(name, Cli(home, base_env(home, **GIT_ENV), outputs),
+                                     root / name)
+    return world
 
 
 @pytest.fixture

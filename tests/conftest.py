@@ -27,6 +27,7 @@ from broker.client import BrokerClient
 from broker.core.errors import BrokerNotRunning
 from broker.core.home import Home
 from broker.service.new_home import init_home
+from tests.support import warm_cli
 
 # The team-vault fixtures (`template`, `world`) live with the team world they build.
 pytest_plugins = ["tests.support.team"]
@@ -70,11 +71,7 @@ class Cli:
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
                  timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "broker", *args], input=input, capture_output=True,
-            text=True, env={**self.env, **(env or {})}, timeout=timeout,
-            stdin=None if input is not None else subprocess.DEVNULL,
-        )
+        proc = warm_cli.run(args, input=input, env={**self.env, **(env or {})}, timeout=timeout)
         self.outputs += [proc.stdout, proc.stderr]
         return proc
 

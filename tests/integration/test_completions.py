@@ -123,3 +123,20 @@ def test_every_script_is_generated_from_the_parser(cli: Cli, shell: str) -> None
             assert re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", script), (path, word)
     assert "list --refs 2>/dev/null" in script  # how refs are fetched: metadata only
     assert "--refs" not in script.replace("list --refs 2>/dev/null", "")  # never offered
+
+
+def test_exec_and_list_import_neither_the_completion_generator_nor_the_server(cli: Cli) -> None:
+    """The commands a script runs most stay light: shtab is the completions command's alone,
+    and aiohttp the server's (a cold start, as a user's shell makes it)."""
+    cli.add("@k", CANARY)
+    for args in (["exec", "--env", "K=@k", "--", "true"], ["list"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "broker", *args],
+                              env=cli.env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "broker.cli.main" in imported  # the probe sees the CLI's imports
+        assert not {"shtab", "aiohttp", "keyring"} & imported, args
+    assert "shtab" in subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "broker", "completions", "bash"],
+        env=cli.env, capture_output=True, text=True, timeout=60).stderr

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import html
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -394,6 +392,9 @@ def _login_page(home: Home, url: str, expires_at: str) -> str:
     link goes in a new 0600 file in the private run/ directory instead. Its mtime is set
     to the code's expiry, and pages past it are deleted here, the next time.
     """
+    import html
+    import secrets
+
     from broker.core.clock import parse_rfc3339
 
     private_dir(home.run)

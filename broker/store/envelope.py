@@ -18,8 +18,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-from argon2.exceptions import HashingError
-from argon2.low_level import Type, hash_secret_raw
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_aead_xchacha20poly1305_ietf_encrypt,
@@ -82,6 +80,10 @@ def new_kdf_params() -> KdfParams:
 
 
 def derive_key(passphrase: bytes, kdf: KdfParams) -> bytes:
+    # Imported here: a vault opened by key file (and `exec` on it) never needs Argon2.
+    from argon2.exceptions import HashingError
+    from argon2.low_level import Type, hash_secret_raw
+
     _check_bounds(kdf)
     try:
         return hash_secret_raw(

@@ -125,9 +125,9 @@ def test_every_script_is_generated_from_the_parser(cli: Cli, shell: str) -> None
     assert "--refs" not in script.replace("list --refs 2>/dev/null", "")  # never offered
 
 
-def test_exec_and_list_import_neither_the_completion_generator_nor_the_server(cli: Cli) -> None:
+def test_exec_and_list_import_only_what_a_key_file_vault_needs(cli: Cli) -> None:
     """The commands a script runs most stay light: shtab is the completions command's alone,
-    and aiohttp the server's (a cold start, as a user's shell makes it)."""
+    aiohttp the server's, and Argon2 a passphrase vault's (a cold start, as from a shell)."""
     cli.add("@k", CANARY)
     for args in (["exec", "--env", "K=@k", "--", "true"], ["list"]):
         proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "broker", *args],
@@ -136,7 +136,7 @@ def test_exec_and_list_import_neither_the_completion_generator_nor_the_server(cl
         imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
                     if line.startswith("import time:")}
         assert "broker.cli.main" in imported  # the probe sees the CLI's imports
-        assert not {"shtab", "aiohttp", "keyring"} & imported, args
+        assert not {"shtab", "aiohttp", "keyring", "argon2"} & imported, args
     assert "shtab" in subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "broker", "completions", "bash"],
         env=cli.env, capture_output=True, text=True, timeout=60).stderr

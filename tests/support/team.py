@@ -31,6 +31,7 @@ RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
 VALUE = "sk-team-canary-" + hashlib.sha256(f"{RUN_ID}/1".encode()).hexdigest()[:32]
 VALUE_2 = "sk-team-canary2-" + hashlib.sha256(f"{RUN_ID}/2".encode()).hexdigest()[:32]
 OPENAI = ".sbteam/secrets/llm/openai_api_key"
+REMOTE = "remote.git"  # the bare repository every clone pushes to, in the world's root
 SHA_K = ["sh", "-c", 'printf %s "$K" | sha256sum']
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
@@ -88,12 +89,16 @@ class World:
         return [text for m in self.members.values() for text in m.cli.outputs]
 
 
+def member_at(root: Path, name: str, outputs: list[str] | None = None) -> Member:
+    """A member of the world at `root`: its home and clone's places, and a CLI on the home."""
+    home = root / f"home-{name}"
+    return Member(name, Cli(home, base_env(home, **GIT_ENV), list(outputs or [])), root / name)
+
+
 def new_member(world: World, name: str) -> Member:
-    home = world.root / f"home-{name}"
-    cli = new_home(home, base_env(home, **GIT_ENV))
-    clone = world.root / name
-    git(world.root, "clone", "-q", str(world.remote), str(clone))
-    member = Member(name, cli, clone)
+    member = member_at(world.root, name)
+    new_home(member.cli.home, member.cli.env)
+    git(world.root, "clone", "-q", str(world.remote), str(member.clone))
     world.members[name] = member
     return member
 
@@ -113,7 +118,7 @@ def add_reader(world: World, name: str, role: str, groups: list[str], host: bool
 
 
 def build_world(root: Path) -> World:
-    remote = root / "remote.git"
+    remote = root / REMOTE
     git(root, "init", "-q", "--bare", "--initial-branch=main", str(remote))
     world = World(root, remote)
     alice = new_member(world, "alice")
@@ -155,13 +160,11 @@ def copy_world(template: World, root: Path) -> World:
     old, new = str(template.root), str(root)
     world = World(root, root / template.remote.name, fingerprint=template.fingerprint)
     for name, member in template.members.items():
-        home = root / member.cli.home.name
-        config = home / "config.toml"
+        copied = member_at(root, name, member.cli.outputs)
+        config = copied.cli.home / "config.toml"
         config.write_text(config.read_text().replace(old, new))
-        clone = root / member.clone.name
-        git(clone, "remote", "set-url", "origin", str(world.remote))
-        cli = Cli(home, base_env(home, **GIT_ENV), outputs=list(member.cli.outputs))
-        world.members[name] = Member(name, cli, clone)
+        git(copied.clone, "remote", "set-url", "origin", str(world.remote))
+        world.members[name] = copied
     return world
 
 
@@ -233,11 +236,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> World:
     finally:
         os.close(fd)
     doc = json.loads(saved.read_text())
-    world = World(root, root / "remote.git", fingerprint=doc["fingerprint"])
+    world = World(root, root / REMOTE, fingerprint=doc["fingerprint"])
     for name, outputs in doc["members"].items():
-        home = root / f"home-{name}"
-        world.members[name] = Member(name, Cli(home, base_env(home, **GIT_ENV), outputs),
-                                     root / name)
+        world.members[name] = member_at(root, name, outputs)
     return world
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -11,11 +10,8 @@ from tests.conftest import CANARY, Cli
 from tests.support import warm_cli
 
 
-def cold(cli: Cli, *args: str, input: str | None = None, **env: str
-         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker", *args], input=input,
-                          capture_output=True, text=True, env={**cli.env, **env}, timeout=60,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+def cold(cli: Cli, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return warm_cli.cold(args, input=input, env=cli.env, timeout=60)
 
 
 def warm(cli: Cli, *args: str, input: str | None = None, **env: str

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -96,42 +97,49 @@ def _socket_path() -> str:
     return _server[1]
 
 
-def _python_vars(env: dict[str, str]) -> dict[str, str]:
+def _python_vars(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("PYTHON")}
+
+
+def cold(args: tuple[str, ...], *, input: str | None, env: dict[str, str], timeout: float
+         ) -> subprocess.CompletedProcess[str]:
+    """`python -m broker` in a fresh interpreter, as a user's shell starts it."""
+    return subprocess.run([*ARGV0, *args], input=input, capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
 
 
 def run(args: tuple[str, ...], *, input: str | None, env: dict[str, str], timeout: float
         ) -> subprocess.CompletedProcess[str]:
-    """`subprocess.run([python, -m, broker, *args], text=True, capture_output=True)`."""
-    if _python_vars(env) != _python_vars(dict(os.environ)):
-        return subprocess.run([*ARGV0, *args], input=input, capture_output=True, text=True,
-                              env=env, timeout=timeout,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+    """What `cold` returns, from a fork of the warm interpreter."""
+    if _python_vars(env) != _python_vars(os.environ):
+        return cold(args, input=input, env=env, timeout=timeout)
     encoding = locale.getpreferredencoding(False)
-    with (tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout,
+    with (_stdin(input, encoding) as stdin, tempfile.TemporaryFile() as stdout,
           tempfile.TemporaryFile() as stderr,
           socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn):
-        stdin.write((input or "").encode(encoding))
-        stdin.seek(0)
         conn.settimeout(timeout)
         conn.connect(_socket_path())
         call = {"args": list(args), "env": env, "cwd": os.getcwd()}
-        streams = [stdin.fileno(), stdout.fileno(), stderr.fileno()]
-        if input is None:
-            streams[0] = os.open(os.devnull, os.O_RDONLY)
-        try:
-            socket.send_fds(conn, [json.dumps(call).encode()], streams)
-        finally:
-            if input is None:
-                os.close(streams[0])
+        socket.send_fds(conn, [json.dumps(call).encode()],
+                        [stdin.fileno(), stdout.fileno(), stderr.fileno()])
         pid = int(conn.recv(64))
         try:
             code = int(conn.recv(64))
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
             raise subprocess.TimeoutExpired([*ARGV0, *args], timeout) from None
-        out, err = (_text(f, encoding) for f in (stdout, stderr))
+        out, err = _text(stdout, encoding), _text(stderr, encoding)
     return subprocess.CompletedProcess([*ARGV0, *args], code, out, err)
+
+
+def _stdin(input: str | None, encoding: str) -> IO[bytes]:
+    """The command's standard input: /dev/null when there is none, as `cold` gives it."""
+    if input is None:
+        return open(os.devnull, "rb")
+    f = tempfile.TemporaryFile()  # noqa: SIM115 - the caller's `with` closes it
+    f.write(input.encode(encoding))
+    f.seek(0)
+    return f
 
 
 def _text(f: IO[bytes], encoding: str) -> str:

@@ -4,7 +4,7 @@ Pure policy, no I/O beyond reading the grants file; never imports `broker`.
 
 The names below load their module on first use: `broker.core.refs` needs only the ref
 pattern in `grants.model`, and every CLI command (`exec` above all) imports that, so
-importing the package must not also load the parser, the policy and the lease table.
+importing the package must not also load the parser and the policy.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from grants.leases import Lease, LeaseKey, LeaseTable, lease_key
     from grants.loader import load_grants, parse_grants
     from grants.model import (
         DELIVERIES,
@@ -23,23 +22,24 @@ if TYPE_CHECKING:
         Deny,
         Grant,
         GrantsError,
+        Lease,
+        LeaseKey,
         Problem,
     )
     from grants.policy import decide
     from grants.render import grants_as_rows
 
 _HOME = {
-    "Lease": "leases", "LeaseKey": "leases", "LeaseTable": "leases", "lease_key": "leases",
     "load_grants": "loader", "parse_grants": "loader",
     "DELIVERIES": "model", "AccessRequest": "model", "Allow": "model", "Decision": "model",
-    "Deny": "model", "Grant": "model", "GrantsError": "model", "Problem": "model",
+    "Deny": "model", "Grant": "model", "GrantsError": "model", "Lease": "model",
+    "LeaseKey": "model", "Problem": "model",
     "decide": "policy", "grants_as_rows": "render",
 }
 
 __all__ = [
     "DELIVERIES", "AccessRequest", "Allow", "Decision", "Deny", "Grant", "GrantsError", "Lease",
-    "LeaseKey", "LeaseTable", "Problem", "decide", "grants_as_rows", "lease_key", "load_grants",
-    "parse_grants",
+    "LeaseKey", "Problem", "decide", "grants_as_rows", "load_grants", "parse_grants",
 ]
 
 

@@ -94,3 +94,28 @@ class GrantsError(Exception):
         n = len(self.problems)
         head = f"{self.source}: {n} problem{'' if n == 1 else 's'}:"
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
+
+
+# What a lease is filed under: consumer, secret_ref, purpose, delivery, host
+LeaseKey = tuple[str, str, str | None, str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One issued lease; `secret_version` lets a rotation end leases of the old value."""
+
+    lease_id: str
+    consumer: str
+    secret_ref: str
+    purpose: str | None
+    delivery: str
+    host: str | None
+    grant_index: int
+    secret_version: int
+    issued_at: float
+    expires_at: float
+
+    @property
+    def key(self) -> LeaseKey:
+        """The reuse key this lease is filed under."""
+        return (self.consumer, self.secret_ref, self.purpose, self.delivery, self.host)

@@ -44,7 +44,6 @@ from broker.gateway.usage import (
 )
 from broker.server.inputs import consumer_of, read_body
 from broker.server.state import ACCESS, AUDIT, CONFIG, SECRETS, SPENDING, SecretsCache
-from grants import AccessRequest
 
 log = structlog.get_logger("broker.server.gateway")
 
@@ -161,7 +160,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         except SecretNotFound as exc:
             raise SecretUnavailable(exc.message) from None
         lease = request.app[ACCESS].acquire(
-            AccessRequest(consumer, ref, m.route.purpose, "http_header_inject", provider.host),
+            (consumer, ref, m.route.purpose, "http_header_inject", provider.host),
             version, provider=provider.name, route=m.route.path)
         request["lease_id"] = ex["lease_id"] = lease.lease_id
         key = cache.value(ref, version)

@@ -94,8 +94,7 @@ async def create_lease(request: web.Request) -> web.Response:
     version = cache.secret_version(ref)
     request.app[AUDIT].check_audit()
     lease = request.app[ACCESS].acquire(
-        AccessRequest(consumer, ref, str(fields["purpose"]), str(fields["delivery"]), None),
-        version)
+        (consumer, ref, str(fields["purpose"]), str(fields["delivery"]), None), version)
     request["lease_id"] = lease.lease_id
     doc = lease_json(lease)
     doc["ttl_secs"] = round(lease.expires_at - lease.issued_at)

@@ -12,10 +12,10 @@ import pytest
 
 from broker.core.errors import Denied
 from broker.server.access import Access
-from grants import AccessRequest, Allow
+from grants import AccessRequest, Allow, LeaseKey
 from tests.conftest import grant, write_grants
 
-CHAT = AccessRequest("agent", "@openai_api_key", "llm.chat", "native", "api.openai.com")
+CHAT: LeaseKey = ("agent", "@openai_api_key", "llm.chat", "native", "api.openai.com")
 
 
 class Clock:
@@ -87,7 +87,7 @@ def test_a_new_secret_version_gets_a_new_lease(access: Access) -> None:
 
 def test_denied_request_is_audited_and_raises(access: Access, audit: Recorder) -> None:
     """No grant: Denied, a lease.denied record with the reason, and no lease."""
-    other = AccessRequest("stranger", "openai_api_key", "llm.chat", "native", "api.openai.com")
+    other = ("stranger", "openai_api_key", "llm.chat", "native", "api.openai.com")
     with pytest.raises(Denied):
         access.acquire(other, 1)
     assert audit.names()[-1] == "lease.denied"
@@ -147,12 +147,12 @@ def test_invalid_file_denies_everything_until_fixed(tmp_path: Path, access: Acce
     """A broken grants file revokes every lease and denies; fixing it allows again."""
     access.acquire(CHAT, 1)
     write_grants(tmp_path, "[[grants]]\nsecret_ref = \n")
-    decision = access.decide(CHAT)
+    decision = access.decide(AccessRequest(*CHAT))
     assert not isinstance(decision, Allow) and "invalid" in decision.reason
     assert not access.state.valid and access.table.list() == []
     assert "grants.invalid" in audit.names()
     write_grants(tmp_path, grant("openai_api_key", "agent", ttl=60))
-    assert isinstance(access.decide(CHAT), Allow)
+    assert isinstance(access.decide(AccessRequest(*CHAT)), Allow)
     assert access.state.valid
 
 
@@ -169,5 +169,5 @@ def test_revocation_happens_even_when_the_audit_fails(tmp_path: Path, access: Ac
 
 def test_decide_leaves_no_lease_and_no_record(access: Access, audit: Recorder) -> None:
     """decide() (for explain) answers without issuing or auditing."""
-    assert isinstance(access.decide(CHAT), Allow)
+    assert isinstance(access.decide(AccessRequest(*CHAT)), Allow)
     assert access.table.list() == [] and audit.names() == ["grants.reloaded"]

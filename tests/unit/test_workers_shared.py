@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker.server.access import LeaseTable
 from broker.server.shared import Ledger, SharedBudgets, WorkersDB
-from grants import AccessRequest, Allow, LeaseTable
+from grants import AccessRequest, Allow
 from grants.model import Grant
 
 

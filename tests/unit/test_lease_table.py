@@ -1,4 +1,5 @@
-"""grants.leases: leases expire on an injected clock, are reused by key and revoked on change."""
+"""The lease table (server/access): leases expire on an injected clock, are reused by key
+and revoked on change."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grants import AccessRequest, Allow, Grant, Lease, LeaseTable, decide, lease_key, parse_grants
+from broker.server.access import LeaseTable, lease_key
+from grants import AccessRequest, Allow, Grant, Lease, decide, parse_grants
 
 GRANTS = parse_grants(
     """\

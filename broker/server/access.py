@@ -125,16 +125,6 @@ class LeaseTable:
             self._drop(lease)
         return doomed
 
-    def revoke_unallowed(self, grants: Sequence[Grant]) -> builtins.list[Lease]:
-        """After a reload, end the leases the new grants would deny."""
-        return self.revoke_where(unallowed(grants))
-
-    def revoke_secret(
-        self, secret_ref: str, keep_version: int | None = None
-    ) -> builtins.list[Lease]:
-        """On rotation or removal, end the secret's leases except those of `keep_version`."""
-        return self.revoke_where(of_secret(secret_ref, keep_version))
-
     def ids(self) -> Iterator[str]:
         """The ids filed (lazily: the daemon's workers read them only when another worker
         changed something)."""

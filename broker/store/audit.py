@@ -32,7 +32,6 @@ from broker.core.clock import parse_duration, rfc3339
 from broker.core.errors import AuditUnavailable, UsageError
 
 GENESIS = "0" * 64
-ACTORS = ("cli", "broker", "admin")
 # Only these fields may be written, so no value, token or body can slip into the log.
 FIELDS = (
     "secret_ref", "consumer", "purpose", "delivery", "lease_id", "provider", "route", "host",

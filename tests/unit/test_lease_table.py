@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.server.access import LeaseTable, lease_key
+from broker.server.access import LeaseTable, lease_key, of_secret, unallowed
 from grants import AccessRequest, Allow, Grant, Lease, decide, parse_grants
 
 GRANTS = parse_grants(
@@ -162,7 +162,7 @@ def test_revoke_secret_keeps_the_current_version(table: LeaseTable) -> None:
     old = table.issue(CHAT, allow(CHAT), 1)
     new = table.issue(replace(CHAT, host="api.openai.com"), allow(CHAT), 2)
     embed = table.issue(EMBED, allow(EMBED), 1)
-    assert table.revoke_secret("@openai_api_key", keep_version=2) == [old]
+    assert table.revoke_where(of_secret("@openai_api_key", keep_version=2)) == [old]
     assert table.list() == [new, embed]
 
 
@@ -171,7 +171,7 @@ def test_revoke_secret_without_version_ends_all_of_it(table: LeaseTable) -> None
     table.issue(CHAT, allow(CHAT), 1)
     table.issue(CHAT, allow(CHAT), 2)
     embed = table.issue(EMBED, allow(EMBED), 1)
-    assert len(table.revoke_secret("openai_api_key")) == 2
+    assert len(table.revoke_where(of_secret("openai_api_key"))) == 2
     assert table.list() == [embed]
 
 
@@ -179,16 +179,16 @@ def test_revoke_unallowed_after_grant_removed(table: LeaseTable) -> None:
     """After a reload without the openai grant, only its leases are revoked."""
     chat = table.issue(CHAT, allow(CHAT), 1)
     embed = table.issue(EMBED, allow(EMBED), 1)
-    assert table.revoke_unallowed(GRANTS[1:]) == [chat]
+    assert table.revoke_where(unallowed(GRANTS[1:])) == [chat]
     assert table.list() == [embed]
-    assert table.revoke_unallowed(GRANTS) == []
+    assert table.revoke_where(unallowed(GRANTS)) == []
 
 
 def test_revoke_unallowed_on_narrowed_hosts(table: LeaseTable) -> None:
     """A lease whose host the reloaded grant no longer lists is revoked."""
     table.issue(CHAT, allow(CHAT), 1)
     narrowed = (replace(GRANTS[0], allowed_hosts=("proxy.local",)), GRANTS[1])
-    assert [lease.host for lease in table.revoke_unallowed(narrowed)] == ["api.openai.com"]
+    assert [lease.host for lease in table.revoke_where(unallowed(narrowed))] == ["api.openai.com"]
     assert len(table) == 0
 
 
@@ -249,7 +249,7 @@ _grant = st.builds(
 def test_property_revoke_unallowed_drops_exactly_the_unallowed(
     grants: list[Grant], reqs: list[AccessRequest], data: st.DataObject
 ) -> None:
-    """After removing a grant, revoke_unallowed ends exactly the leases decide() now denies."""
+    """After removing a grant, `unallowed` selects exactly the leases decide() now denies."""
     grants = [replace(g, index=i, line=1 + 7 * i) for i, g in enumerate(grants)]
     table = LeaseTable(FakeClock())
     leases: list[Lease] = []
@@ -259,7 +259,7 @@ def test_property_revoke_unallowed_drops_exactly_the_unallowed(
             leases.append(table.issue(req, decision, 1))
     del grants[data.draw(st.integers(0, len(grants) - 1))]
 
-    revoked = table.revoke_unallowed(grants)
+    revoked = table.revoke_where(unallowed(grants))
 
     def still_allowed(lease: Lease) -> bool:
         return isinstance(decide(grants, AccessRequest(*lease.key)), Allow)

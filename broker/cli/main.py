@@ -244,7 +244,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     rows = [[e.get("ts"), e.get("seq"), e.get("event"), e.get("actor"),
              " ".join(f"{k}={v}" for k, v in e.items() if k not in skip)] for e in events]
     _print_table(rows, ("TIME", "SEQ", "EVENT", "ACTOR", "DETAILS"))
+    if not events:
+        print(_no_events(args), file=sys.stderr)
     return 0
+
+
+def _no_events(args: argparse.Namespace) -> str:
+    """Why the table is empty, so `audit tail` (a ref, not a command) does not look like a
+    quiet log."""
+    asked = [f"@{args.ref.removeprefix('@')}"] if args.ref else []
+    asked += [f"--event {args.event}"] if args.event else []
+    asked += [f"--since {args.since}"] if args.since else []
+    if not asked:
+        return "no audit events yet"
+    hint = "" if args.ref is None or args.ref.startswith("@") else (
+        "; `audit` takes @REF to filter by, or `verify`")
+    return f"no audit events match {' '.join(asked)}{hint}"
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

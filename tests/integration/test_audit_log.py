@@ -111,8 +111,9 @@ def test_audit_filters(cli: Cli) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = dict(zip(queries, pool.map(lambda q: events(cli, *q), queries.values()),
                        strict=True))
-        table, bad_since, bad_ref = pool.map(lambda args: cli(*args), [
-            ("audit", "@a"), ("audit", "--since", "yesterday"), ("audit", "@bad/ref")])
+        table, bad_since, bad_ref, word, none = pool.map(lambda args: cli(*args), [
+            ("audit", "@a"), ("audit", "--since", "yesterday"), ("audit", "@bad/ref"),
+            ("audit", "tail"), ("audit", "@a", "--event", "lease.")])
 
     assert [(e["event"], e["secret_ref"]) for e in got["a"]] == [
         ("secret.added", "a"), ("secret.rotated", "a")]
@@ -133,6 +134,13 @@ def test_audit_filters(cli: Cli) -> None:
     assert "secret_ref=a" in rows[0] and "provider=openai" in rows[0]
     assert bad_since.returncode == 2 and "--since 'yesterday'" in bad_since.stderr
     assert bad_ref.returncode == 2 and "invalid secret ref" in bad_ref.stderr
+    # An empty answer says so, and a word that is not a command is shown as the ref it is.
+    assert table.stderr == ""
+    assert (word.returncode, word.stdout.split()) == (0, ["TIME", "SEQ", "EVENT", "ACTOR",
+                                                          "DETAILS"])
+    assert word.stderr.strip() == ("no audit events match @tail; `audit` takes @REF to filter "
+                                   "by, or `verify`")
+    assert none.stderr.strip() == "no audit events match @a --event lease."
 
 
 # --- tampering -----------------------------------------------------------------------------------

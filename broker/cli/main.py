@@ -351,6 +351,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     _print_table([[getattr(r, d) for d in dims] + [r.requests, r.errors, r.input_tokens,
                                                    r.output_tokens] for r in rows],
                  [d.upper() for d in dims] + ["REQUESTS", "ERRORS", "IN TOKENS", "OUT TOKENS"])
+    if not rows:
+        print("no proxied requests recorded " + (f"since {args.since}" if args.since else "yet"),
+              file=sys.stderr)
     return 0
 
 

@@ -97,6 +97,14 @@ def test_failed_requests_are_counted_as_errors(gateway: Broker) -> None:
     assert (row["requests"], row["errors"], row["input_tokens"]) == (1, 1, None)
 
 
+def test_no_usage_says_so(cli: Cli) -> None:
+    """An empty table comes with a line on stderr saying nothing was recorded."""
+    for args, said in ((("usage",), "yet"), (("usage", "--since", "7d"), "since 7d")):
+        proc = cli(*args)
+        assert proc.returncode == 0 and proc.stdout.split()[0] == "CONSUMER"
+        assert proc.stderr.strip() == f"no proxied requests recorded {said}"
+
+
 def test_usage_grouping_cli_admin_and_consumer_views(gateway: Broker) -> None:
     """`usage --by`, the admin route and a consumer's /v1/usage agree; a consumer sees its own."""
     client = openai_client(gateway.root("openai"), gateway.daemon.token)

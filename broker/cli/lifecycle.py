@@ -127,6 +127,17 @@ def stop(home: Home, *, timeout: float) -> int:
                       f"`kill {pid}` again, or `kill -9 {pid}` as a last resort")
 
 
+def _config_line(config: dict[str, object], pid: object) -> str:
+    """config.toml as the daemon has it: an edit waits for SIGHUP, some keys for a restart."""
+    line = f"config:  loaded {config['loaded_at']}"
+    if config.get("changed_since_load"):
+        line += f"\n         changed since it was loaded: `kill -HUP {pid}` reloads it"
+    restart = config.get("restart_needed")
+    if isinstance(restart, list) and restart:
+        line += f"\n         a restart applies: {', '.join(map(str, restart))}"
+    return line
+
+
 def status(home: Home, *, as_json: bool) -> int:
     if running_pid(home) is None:
         if as_json:
@@ -148,6 +159,7 @@ def status(home: Home, *, as_json: bool) -> int:
           f"{grants['count']} grant(s), loaded {grants['loaded_at']}"
           + (f"\n         {grants['error']}" if grants.get("error") else ""))
     print(f"leases:  {doc['leases']['active']} active")
+    print(_config_line(doc["config"], doc["pid"]))
     counted = f" (worker {doc['worker_pid']})" if several else ""
     print(f"requests{counted}: " + " ".join([str(sum(doc["requests"].values())), *(
         f"{k}={v}" for k, v in sorted(doc["requests"].items()))]))

@@ -1,5 +1,6 @@
 """What the owner is told and what a running daemon takes in: denials that say what to grant
-and where, config.toml reloaded on SIGHUP, and status saying when the file changed."""
+and where, config.toml reloaded on SIGHUP, and status (text and JSON) saying when the file
+changed."""
 
 from __future__ import annotations
 
@@ -46,11 +47,15 @@ def test_sighup_reloads_a_providers_base_url(gateway: Broker) -> None:
     with StandIn("jina", real_key("jina")) as moved:
         configure(gateway.cli, {**gateway.standins, "jina": moved})
         assert _config_status(gateway)["changed_since_load"] is True
+        pid = gateway.daemon.proc.pid
+        assert f"changed since it was loaded: `kill -HUP {pid}` reloads it" in \
+            gateway.cli.ok("status")
         before = _config_status(gateway)["loaded_at"]
         gateway.daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: _config_status(gateway)["changed_since_load"] is False,
                  what="the daemon to reload config.toml")
         assert _config_status(gateway)["loaded_at"] >= before
+        assert "changed since" not in gateway.cli.ok("status")
         gateway.standins["jina"].clear()
         wait_for(lambda: _embed(gateway)[0] == 200, what="the moved upstream to answer")
         assert moved.requests and not gateway.standins["jina"].requests
@@ -82,4 +87,5 @@ def test_sighup_names_settings_that_need_a_restart(gateway: Broker) -> None:
              what="status to name the setting that needs a restart")
     assert gateway.audit("config.reloaded")[-1]["reason"] == (
         "SIGHUP; a restart applies header_timeout_secs")
+    assert "a restart applies: header_timeout_secs" in gateway.cli.ok("status")
     assert _embed(gateway)[0] == 200

@@ -142,8 +142,9 @@ def status(home: Home, *, as_json: bool) -> int:
     if running_pid(home) is None:
         if as_json:
             print(json.dumps({"status": "stopped", "home": str(home.root)}))
-        raise BrokerNotRunning(f"the broker is not running for {home.root}; start it with "
-                               "`secret-broker start`")
+        fix = "start it with `secret-broker start`" if home.config.exists() else (
+            "there is no home there yet: run `secret-broker init`, then `secret-broker start`")
+        raise BrokerNotRunning(f"the broker is not running for {home.root}; {fix}")
     doc = BrokerClient(socket_path=home.socket, timeout=5.0).status()
     if as_json:
         print(json.dumps(doc, indent=2))

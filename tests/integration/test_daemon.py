@@ -223,8 +223,13 @@ def test_client_library_over_both_transports(granted: Cli, daemon_factory: Any) 
 
 
 def test_start_status_stop_from_the_cli(granted: Cli) -> None:
-    """`start` waits until it answers, `status` reports, `stop` ends it; exit 6 when stopped."""
-    assert granted("status").returncode == 6
+    """`start` waits until it answers, `status` reports, `stop` ends it; exit 6 when stopped
+    (and where there is no home at all, `status` says to run `init` first)."""
+    stopped = granted("status")
+    assert stopped.returncode == 6 and "start it with `secret-broker start`" in stopped.stderr
+    nowhere = granted("status", env={"SECRET_BROKER_HOME": str(granted.home / "none")})
+    assert nowhere.returncode == 6
+    assert "there is no home there yet: run `secret-broker init`" in nowhere.stderr
     out = granted.ok("start", "--listen", "127.0.0.1:0")
     assert "running" in out
     status = json.loads(granted.ok("status", "--json"))

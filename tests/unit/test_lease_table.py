@@ -11,25 +11,12 @@ from hypothesis import strategies as st
 
 from broker.server.access import LeaseTable, lease_key, of_secret, unallowed
 from grants import AccessRequest, Allow, Grant, Lease, decide, parse_grants
+from tests.conftest import grant
 
 GRANTS = parse_grants(
-    """\
-[[grants]]
-secret_ref = "openai_api_key"
-consumer = "ugent-core"
-purposes = ["llm.chat"]
-delivery = ["http_header_inject"]
-allowed_hosts = ["api.openai.com"]
-ttl_secs = 300
-
-[[grants]]
-secret_ref = "voyage_api_key"
-consumer = "ugent-core"
-purposes = ["llm.embeddings"]
-delivery = ["native"]
-allowed_hosts = ["api.voyageai.com"]
-ttl_secs = 60
-"""
+    grant("openai_api_key", "ugent-core", '"llm.chat"', '"http_header_inject"')
+    + grant("voyage_api_key", "ugent-core", '"llm.embeddings"', '"native"',
+            '"api.voyageai.com"', ttl=60)
 )
 CHAT = AccessRequest(
     "ugent-core", "@openai_api_key", "llm.chat", "http_header_inject", "API.openai.com"

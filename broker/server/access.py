@@ -59,6 +59,7 @@ def _normalised(key: LeaseKey) -> LeaseKey:
     consumer, ref, purpose, delivery, host = key
     return (consumer, ref.removeprefix("@"), purpose, delivery, host and host.lower())
 
+
 class LeaseTable:
     """Live leases by id, plus an index by request key so repeat requests reuse one."""
 
@@ -144,7 +145,6 @@ class LeaseTable:
         # A newer lease may have taken the key; leave its index entry alone.
         if self._by_key.get(lease.key) == lease.lease_id:
             del self._by_key[lease.key]
-
 
 
 def unallowed(grants: Sequence[Grant]) -> Callable[[Lease], bool]:
